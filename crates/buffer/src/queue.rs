@@ -1,0 +1,88 @@
+//! [`Queue`]: one type for disk and memory buffers, so the daemon handles both alike.
+
+use bytes::Bytes;
+
+use crate::disk::DiskQueue;
+use crate::error::BufferError;
+use crate::memory::MemoryQueue;
+use crate::{Evicted, RecordId};
+
+/// A disk or memory queue; every method delegates to the one inside.
+#[derive(Debug)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one Queue per sink lane, never moved in hot paths; boxing would only add noise"
+)]
+pub enum Queue {
+    /// A durable queue in segment files.
+    Disk(DiskQueue),
+    /// A queue in memory, lost on restart.
+    Memory(MemoryQueue),
+}
+
+/// Calls `$method` on whichever queue is inside.
+macro_rules! delegate {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Queue::Disk(queue) => queue.$method($($arg),*),
+            Queue::Memory(queue) => queue.$method($($arg),*),
+        }
+    };
+}
+
+impl Queue {
+    /// See [`DiskQueue::append`].
+    pub fn append(&mut self, record: &[u8]) -> Result<RecordId, BufferError> {
+        delegate!(self.append(record))
+    }
+
+    /// See [`DiskQueue::flush`].
+    pub fn flush(&mut self) -> Result<(), BufferError> {
+        delegate!(self.flush())
+    }
+
+    /// See [`DiskQueue::sync`].
+    pub fn sync(&mut self) -> Result<(), BufferError> {
+        delegate!(self.sync())
+    }
+
+    /// See [`DiskQueue::read_next`].
+    pub fn read_next(&mut self) -> Result<Option<(RecordId, Bytes)>, BufferError> {
+        delegate!(self.read_next())
+    }
+
+    /// See [`DiskQueue::ack`].
+    pub fn ack(&mut self, id: RecordId) -> Result<(), BufferError> {
+        delegate!(self.ack(id))
+    }
+
+    /// See [`DiskQueue::rewind`].
+    pub fn rewind(&mut self) {
+        delegate!(self.rewind())
+    }
+
+    /// See [`DiskQueue::evict_oldest`] and [`MemoryQueue::evict_oldest`].
+    pub fn evict_oldest(&mut self) -> Result<Evicted, BufferError> {
+        delegate!(self.evict_oldest())
+    }
+
+    /// See [`DiskQueue::len`].
+    pub fn len(&self) -> u64 {
+        delegate!(self.len())
+    }
+
+    /// See [`DiskQueue::is_empty`].
+    pub fn is_empty(&self) -> bool {
+        delegate!(self.is_empty())
+    }
+
+    /// See [`DiskQueue::bytes`].
+    pub fn bytes(&self) -> u64 {
+        delegate!(self.bytes())
+    }
+
+    /// See [`DiskQueue::take_corrupt_skipped`].
+    pub fn take_corrupt_skipped(&mut self) -> u64 {
+        delegate!(self.take_corrupt_skipped())
+    }
+}

@@ -1,0 +1,12 @@
+//! fieldgate's event model: the types every stage shares, and nothing that does I/O.
+//!
+//! An [`Event`] is what a device said, plus what the gateway knows about it (who, when,
+//! from which source, how urgent). Its payload is a [`bytes::Bytes`], so passing an event
+//! from source to pipeline to buffer never copies the device's data.
+#![forbid(unsafe_code)]
+
+mod event;
+mod record;
+
+pub use event::{DeviceId, Event, EventKind, PayloadFormat, Priority};
+pub use record::DecodeError;

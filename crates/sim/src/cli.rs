@@ -1,0 +1,334 @@
+//! Command-line interface: subcommands and their options.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::framing::Framing;
+use crate::net::TlsArgs;
+
+/// Simulated devices and load for a fieldgate gateway (or an MQTT broker).
+#[derive(Debug, Parser)]
+#[command(
+    name = "fieldgate-sim",
+    version,
+    about = "Device simulator and load generator for fieldgate",
+    long_about = "Device simulator and load generator for fieldgate.\n\n\
+        Every run is bounded in count and time and prints a JSON summary on stdout; a progress \
+        line goes to stderr once per second when it is a terminal. Targets must be loopback \
+        addresses unless --allow-remote is given.\n\n\
+        Many connections need many file descriptors: raise the limit first (`ulimit -n 65536`), \
+        for this tool and for the gateway or broker under test."
+)]
+pub struct Cli {
+    /// The scenario to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Scenarios.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// N devices sending JSON over TCP to a gateway source (lines or length-prefixed, optional ack mode).
+    Tcp(TcpArgs),
+    /// N devices publishing over MQTT (to measure a broker, e.g. Mosquitto, as a peer).
+    Mqtt(MqttArgs),
+    /// Open N TCP connections and hold them (RSS per idle connection).
+    #[command(
+        long_about = "Open N TCP connections (optionally sending a hello or one message \
+        each) and hold them for --hold, then report how many stayed connected.\n\n\
+        Each connection is a file descriptor here and in the gateway: raise RLIMIT_NOFILE first \
+        (`ulimit -n 65536`). The tool stops with a clear error if it runs out (EMFILE)."
+    )]
+    Idle(IdleArgs),
+    /// Connect and disconnect as fast as possible; reports connects per second.
+    Storm(StormArgs),
+}
+
+/// Parses "5" (seconds), "1.5", "500ms", "2m", "1h 30m".
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e} (e.g. 30, 500ms, 2m)"))
+}
+
+/// Device-id prefixes must need no JSON escaping and must not be empty.
+fn parse_prefix(text: &str) -> Result<String, String> {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))
+    {
+        Ok(text.to_owned())
+    } else {
+        Err("use letters, digits, '-', '_', '.', ':'".to_owned())
+    }
+}
+
+/// A fraction in 0..=1.
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err("expected a number between 0 and 1".to_owned()),
+    }
+}
+
+/// A finite rate >= 0.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err("expected a number >= 0".to_owned()),
+    }
+}
+
+/// The behaviour of the simulated devices (tcp and mqtt).
+#[derive(Debug, Clone, Args)]
+pub struct DeviceArgs {
+    /// Number of devices (one connection each).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub devices: u32,
+    /// Device ids are `{prefix}-{n}`, n = 1..=devices.
+    #[arg(long, default_value = "dev", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Messages per second per device; 0 = as fast as possible (bounded by --window in ack mode).
+    #[arg(long, default_value = "1", value_parser = parse_rate)]
+    pub rate: f64,
+    /// Messages per device, then stop (default: unlimited within --duration).
+    #[arg(long)]
+    pub messages: Option<u64>,
+    /// How long each device sends (default 10s; 10m when --messages is given). Bare numbers are seconds.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// New connections per second (0 = all at once).
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    pub ramp: f64,
+    /// Random send-time jitter as a fraction of the send interval (0..1).
+    #[arg(long, default_value = "0", value_parser = parse_fraction)]
+    pub jitter: f64,
+    /// Most unacknowledged messages per device (ack mode, MQTT QoS 1/2 inflight).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub window: u16,
+    /// Pad each payload with a "pad" field to this many bytes (0 = no padding).
+    #[arg(long, default_value_t = 75)]
+    pub payload_size: usize,
+    /// Payload template; placeholders {device} {seq} {send_us} {send_ms} {walk} {rand}.
+    #[arg(long, default_value = crate::template::DEFAULT_TEMPLATE)]
+    pub template: String,
+}
+
+/// The upstream subscriber that measures delivery (tcp and mqtt).
+#[derive(Debug, Clone, Args)]
+pub struct SubscribeArgs {
+    /// Subscribe to this broker and measure loss, duplicates and latency (mqtt:// or mqtts://).
+    #[arg(long, value_name = "URL")]
+    pub subscribe: Option<String>,
+    /// Topic filter for the subscriber (QoS 1).
+    #[arg(long, default_value = "gateways/#")]
+    pub sub_topic: String,
+    /// After sending, wait at most this long for every message to arrive upstream.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Where and how to connect over TCP (tcp, idle, storm).
+#[derive(Debug, Clone, Args)]
+pub struct TargetArgs {
+    /// Gateway TCP source address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    pub target: String,
+    /// Wire framing of the source.
+    #[arg(long, value_enum, default_value = "lines")]
+    pub framing: Framing,
+    /// Send {"type":"hello","device":ID[,"token":T]} first on every connection.
+    #[arg(long)]
+    pub hello: bool,
+    /// Token for the hello (implies --hello).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Connect with TLS.
+    #[arg(long)]
+    pub tls: bool,
+    /// TLS options.
+    #[command(flatten)]
+    pub tls_args: TlsArgs,
+    /// Allow a non-loopback target.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+impl TargetArgs {
+    /// True when a hello is sent.
+    pub fn sends_hello(&self) -> bool {
+        self.hello || self.token.is_some()
+    }
+
+    /// TLS options when --tls is on.
+    pub fn tls(&self) -> Option<&TlsArgs> {
+        self.tls.then_some(&self.tls_args)
+    }
+}
+
+/// `tcp` options.
+#[derive(Debug, Clone, Args)]
+pub struct TcpArgs {
+    /// Target and framing.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Ack mode: expect {"type":"ack","seq":N}, keep unacked messages, resend them after a reconnect.
+    #[arg(long)]
+    pub ack: bool,
+    /// Device behaviour.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Upstream measurement.
+    #[command(flatten)]
+    pub subscribe: SubscribeArgs,
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[value(name = "3.1.1", alias = "4")]
+    V311,
+    /// MQTT 5.0.
+    #[value(name = "5", alias = "5.0")]
+    V5,
+}
+
+/// `mqtt` options.
+#[derive(Debug, Clone, Args)]
+pub struct MqttArgs {
+    /// Broker URL (mqtt://[user:pass@]host:port or mqtts://...).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    pub url: String,
+    /// Topic template; {device} is replaced by the device id.
+    #[arg(long, default_value = "devices/{device}/telemetry")]
+    pub topic: String,
+    /// Publish QoS.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// MQTT protocol version of the devices.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    pub protocol: MqttProtocol,
+    /// TLS options for mqtts:// (devices and subscriber).
+    #[command(flatten)]
+    pub tls_args: TlsArgs,
+    /// Allow a non-loopback broker.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Device behaviour.
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Upstream measurement.
+    #[command(flatten)]
+    pub subscribe: SubscribeArgs,
+}
+
+/// `idle` options.
+#[derive(Debug, Clone, Args)]
+pub struct IdleArgs {
+    /// Target and framing.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// Number of connections.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub devices: u32,
+    /// Device ids are `{prefix}-{n}`.
+    #[arg(long, default_value = "dev", value_parser = parse_prefix)]
+    pub prefix: String,
+    /// Send one telemetry message per connection after connecting (and the hello, if any).
+    #[arg(long)]
+    pub message: bool,
+    /// How long to hold the connections once all are open. Bare numbers are seconds.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub hold: Duration,
+    /// New connections per second (0 = as fast as possible).
+    #[arg(long, default_value = "0", value_parser = parse_rate)]
+    pub ramp: f64,
+    /// Send {"type":"heartbeat"} this often while holding (keeps the gateway's heartbeat timeout away).
+    #[arg(long, value_parser = parse_duration)]
+    pub heartbeat: Option<Duration>,
+}
+
+/// `storm` options.
+#[derive(Debug, Clone, Args)]
+pub struct StormArgs {
+    /// Target and framing.
+    #[command(flatten)]
+    pub target: TargetArgs,
+    /// How long to storm. Bare numbers are seconds.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Connections in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency: u32,
+    /// Device ids are `{prefix}-{n}` (used in hellos).
+    #[arg(long, default_value = "dev", value_parser = parse_prefix)]
+    pub prefix: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations_accept_bare_seconds_and_units() {
+        assert_eq!(parse_duration("5"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn example_command_lines_parse() {
+        let cli = Cli::try_parse_from([
+            "fieldgate-sim",
+            "mqtt",
+            "--devices",
+            "100",
+            "--rate",
+            "10",
+            "--duration",
+            "5",
+            "--subscribe",
+            "mqtt://127.0.0.1:1883",
+            "--sub-topic",
+            "devices/#",
+            "--protocol",
+            "5",
+        ])
+        .unwrap();
+        let Command::Mqtt(args) = cli.command else {
+            panic!("not mqtt")
+        };
+        assert_eq!(args.device.devices, 100);
+        assert_eq!(args.protocol, MqttProtocol::V5);
+        let cli = Cli::try_parse_from([
+            "fieldgate-sim",
+            "tcp",
+            "--framing",
+            "length_prefixed",
+            "--ack",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        let Command::Tcp(args) = cli.command else {
+            panic!("not tcp")
+        };
+        assert!(args.target.sends_hello() && args.ack);
+        assert_eq!(args.target.framing, Framing::LengthPrefixed);
+        assert!(Cli::try_parse_from(["fieldgate-sim", "tcp", "--prefix", "a\"b"]).is_err());
+    }
+}

@@ -1,0 +1,272 @@
+//! The gateway's one TOML file: plain data, loaded and validated before anything starts.
+//!
+//! Loading goes text → `${VAR}` interpolation → spanned TOML document → one typed struct
+//! per component, so every error can name the file, the line and the key path. `check`
+//! and `run` share this code; nothing here opens a socket.
+
+mod error;
+mod interpolate;
+mod types;
+mod units;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+pub use error::ConfigError;
+pub use types::*;
+
+/// The config used by `fieldgate run` without `--config`: TCP devices on 127.0.0.1:7000,
+/// the API on 127.0.0.1:8080, and a local NDJSON file sink plus the console.
+pub const DEFAULT_CONFIG: &str = include_str!("default.toml");
+
+/// Loads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|err| ConfigError {
+        file: name.clone(),
+        line: None,
+        key: None,
+        message: format!("cannot read the config file: {err}"),
+    })?;
+    parse(&name, &text, |var| std::env::var(var).ok())
+}
+
+/// Parses and validates config text; `file` names it in errors, `env` resolves `${VAR}`.
+pub fn parse(
+    file: &str,
+    text: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let text = interpolate::interpolate(text, env).map_err(|err| ConfigError {
+        file: file.to_owned(),
+        line: Some(err.line),
+        key: None,
+        message: err.message,
+    })?;
+    let context = error::Context { file, text: &text };
+    let mut root = DeTable::parse(&text).map_err(|err| context.toml_error(&err, ""))?;
+    let root_span = root.span();
+    let sources = take_table(root.get_mut(), "sources", &context)?;
+    let sinks = take_table(root.get_mut(), "sinks", &context)?;
+    let top: TopLevel = deserialize(
+        Spanned::new(root_span, DeValue::Table(root.into_inner())),
+        &context,
+        "",
+    )?;
+
+    let mut source_configs = BTreeMap::new();
+    for (name, value) in sources {
+        let path = format!("sources.{name}");
+        let (kind, table) = component_type(value, &context, &path)?;
+        let source = match kind.get_ref().as_str() {
+            "tcp" => SourceConfig::Tcp(deserialize(table, &context, &path)?),
+            other => {
+                return Err(context.error_at(
+                    kind.span(),
+                    &format!("{path}.type"),
+                    format!("unknown source type {other:?}; expected \"tcp\""),
+                ));
+            }
+        };
+        source_configs.insert(name, source);
+    }
+
+    let mut sink_configs = BTreeMap::new();
+    for (name, value) in sinks {
+        let path = format!("sinks.{name}");
+        let (kind, table) = component_type(value, &context, &path)?;
+        let sink = match kind.get_ref().as_str() {
+            "mqtt" => SinkConfig::Mqtt(deserialize(table, &context, &path)?),
+            "file" => SinkConfig::File(deserialize(table, &context, &path)?),
+            "console" => SinkConfig::Console(deserialize(table, &context, &path)?),
+            other => {
+                return Err(context.error_at(
+                    kind.span(),
+                    &format!("{path}.type"),
+                    format!(
+                        "unknown sink type {other:?}; expected \"mqtt\", \"file\" or \"console\""
+                    ),
+                ));
+            }
+        };
+        sink_configs.insert(name, sink);
+    }
+
+    let config = Config {
+        gateway: top.gateway,
+        log: top.log,
+        api: top.api,
+        sources: source_configs,
+        sinks: sink_configs,
+    };
+    validate(&config, &context)?;
+    Ok(config)
+}
+
+/// The top-level keys other than the component maps.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopLevel {
+    gateway: GatewayConfig,
+    #[serde(default)]
+    log: LogConfig,
+    api: Option<ApiConfig>,
+}
+
+/// Removes `[key]` (a table of named components) from the root table.
+fn take_table<'i>(
+    root: &mut DeTable<'i>,
+    key: &str,
+    context: &error::Context<'_>,
+) -> Result<Vec<(String, Spanned<DeValue<'i>>)>, ConfigError> {
+    let Some(value) = root.remove(key) else {
+        return Ok(Vec::new());
+    };
+    let span = value.span();
+    match value.into_inner() {
+        DeValue::Table(table) => Ok(table
+            .into_iter()
+            .map(|(name, value)| (name.into_inner().into_owned(), value))
+            .collect()),
+        other => Err(context.error_at(
+            span,
+            key,
+            format!(
+                "expected a table of named components, found {}",
+                other.type_str()
+            ),
+        )),
+    }
+}
+
+/// Splits a component table into its `type` and the remaining keys.
+fn component_type<'i>(
+    value: Spanned<DeValue<'i>>,
+    context: &error::Context<'_>,
+    path: &str,
+) -> Result<(Spanned<String>, Spanned<DeValue<'i>>), ConfigError> {
+    let span = value.span();
+    let DeValue::Table(mut table) = value.into_inner() else {
+        return Err(context.error_at(span.clone(), path, "expected a table".into()));
+    };
+    let Some(kind) = table.remove("type") else {
+        return Err(context.error_at(span, path, "missing key `type`".into()));
+    };
+    let kind_span = kind.span();
+    let Some(kind_name) = kind.get_ref().as_str().map(str::to_owned) else {
+        return Err(context.error_at(
+            kind_span,
+            &format!("{path}.type"),
+            "expected a string".into(),
+        ));
+    };
+    Ok((
+        Spanned::new(kind_span, kind_name),
+        Spanned::new(span, DeValue::Table(table)),
+    ))
+}
+
+fn deserialize<T: DeserializeOwned>(
+    value: Spanned<DeValue<'_>>,
+    context: &error::Context<'_>,
+    path: &str,
+) -> Result<T, ConfigError> {
+    T::deserialize(ValueDeserializer::from(value)).map_err(|err| context.toml_error(&err, path))
+}
+
+/// Checks what one component cannot check alone: references and shared resources.
+fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigError> {
+    if config.gateway.id.is_empty()
+        || !config
+            .gateway
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(context
+            .error_at(
+                0..0,
+                "gateway.id",
+                format!(
+                    "invalid gateway id {:?}: use 1 or more of A-Z a-z 0-9 . _ -",
+                    config.gateway.id
+                ),
+            )
+            .without_line());
+    }
+    if config.sinks.is_empty() {
+        return Err(context
+            .error_at(0..0, "sinks", "at least one sink is required".into())
+            .without_line());
+    }
+    let mut listeners: BTreeMap<u16, (SocketAddr, String)> = BTreeMap::new();
+    let mut claim = |address: &Spanned<SocketAddr>, key: String| {
+        let addr = *address.get_ref();
+        if let Some((other, other_key)) = listeners.get(&addr.port()) {
+            let overlaps = other.ip() == addr.ip()
+                || other.ip().is_unspecified()
+                || addr.ip().is_unspecified();
+            if overlaps {
+                return Err(context.error_at(
+                    address.span(),
+                    &key,
+                    format!(
+                        "{addr} is already used by `{other_key}`; two listeners cannot share a port"
+                    ),
+                ));
+            }
+        }
+        listeners.insert(addr.port(), (addr, key));
+        Ok(())
+    };
+    if let Some(api) = &config.api {
+        claim(&api.address, "api.address".into())?;
+    }
+    for (name, source) in &config.sources {
+        match source {
+            SourceConfig::Tcp(tcp) => {
+                claim(&tcp.address, format!("sources.{name}.address"))?;
+                if tcp.auth == AuthMode::Token && tcp.tokens.is_empty() {
+                    return Err(context
+                        .error_at(
+                            0..0,
+                            &format!("sources.{name}.tokens"),
+                            "auth = \"token\" needs at least one token".into(),
+                        )
+                        .without_line());
+                }
+            }
+        }
+    }
+    for (name, sink) in &config.sinks {
+        if sink.inputs().get_ref().is_empty() {
+            return Err(context.error_at(
+                sink.inputs().span(),
+                &format!("sinks.{name}.inputs"),
+                "a sink needs at least one input".into(),
+            ));
+        }
+        for input in sink.inputs().get_ref() {
+            if !config.sources.contains_key(input) {
+                let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
+                return Err(context.error_at(
+                    sink.inputs().span(),
+                    &format!("sinks.{name}.inputs"),
+                    format!("input {input:?} names no source (sources: {known:?})"),
+                ));
+            }
+        }
+        if let SinkConfig::Mqtt(mqtt) = sink {
+            mqtt.check(context, name)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,606 @@
+//! The typed config: what each component accepts, with defaults.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fieldgate_core::EventKind;
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::error::{ConfigError, Context};
+use super::units::{ByteSize, HumanDuration};
+use crate::sinks::TopicTemplate;
+
+/// The whole gateway config.
+#[derive(Debug)]
+pub struct Config {
+    /// `[gateway]`: identity and storage.
+    pub gateway: GatewayConfig,
+    /// `[log]`: log level and format.
+    pub log: LogConfig,
+    /// `[api]`: the HTTP server for metrics and health; none when absent.
+    pub api: Option<ApiConfig>,
+    /// `[sources.NAME]`: where events come from.
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// `[sinks.NAME]`: where events go, each behind its own buffer.
+    pub sinks: BTreeMap<String, SinkConfig>,
+}
+
+/// `[gateway]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Gateway id, used in topics and as the default MQTT client id.
+    pub id: String,
+    /// Where buffers and file sinks keep their data.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// How long a graceful shutdown may take before the gateway exits anyway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A `tracing` filter such as `info` or `fieldgate=debug`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+    /// Human text or one JSON object per line.
+    #[serde(default)]
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            level: default_log_level(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// Log line format.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[api]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Listen address of the HTTP server.
+    pub address: Spanned<SocketAddr>,
+}
+
+/// `[sources.NAME]`, by `type`.
+#[derive(Debug)]
+pub enum SourceConfig {
+    /// `type = "tcp"`.
+    Tcp(TcpSourceConfig),
+}
+
+/// `[sources.NAME]` with `type = "tcp"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpSourceConfig {
+    /// Listen address.
+    pub address: Spanned<SocketAddr>,
+    /// How frames are delimited.
+    #[serde(default)]
+    pub framing: FramingConfig,
+    /// Who may send.
+    #[serde(default)]
+    pub auth: AuthMode,
+    /// Accepted tokens when `auth = "token"`.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// Answer each message once it is in every buffer.
+    #[serde(default)]
+    pub ack: bool,
+    /// Largest frame accepted.
+    #[serde(default = "default_max_frame")]
+    pub max_frame: ByteSize,
+    /// Connections beyond this wait in the kernel's accept queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Per-connection frame rate limit; 0 = unlimited. Above it the gateway stops reading.
+    #[serde(default)]
+    pub max_frames_per_second: u32,
+    /// Protocol errors tolerated before the connection is closed.
+    #[serde(default = "default_max_errors")]
+    pub max_errors: u32,
+    /// Expected interval between frames of a live device.
+    #[serde(default = "default_heartbeat_interval")]
+    pub heartbeat_interval: HumanDuration,
+    /// Missed intervals before a device is closed and marked offline.
+    #[serde(default = "default_heartbeat_misses")]
+    pub heartbeat_misses: u32,
+    /// A started frame must be complete within this.
+    #[serde(default = "default_frame_timeout")]
+    pub frame_timeout: HumanDuration,
+    /// TLS on the listener.
+    pub tls: Option<ListenerTlsConfig>,
+}
+
+fn default_max_frame() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_errors() -> u32 {
+    10
+}
+fn default_heartbeat_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_heartbeat_misses() -> u32 {
+    3
+}
+fn default_frame_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+/// TCP framing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FramingConfig {
+    /// One JSON object per `\n`-terminated line.
+    #[default]
+    Lines,
+    /// A u32 big-endian length, then the payload.
+    LengthPrefixed,
+}
+
+/// Device authentication on a source.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Anyone who can connect may send.
+    #[default]
+    None,
+    /// A hello with one of the configured tokens is required first.
+    Token,
+}
+
+/// `[sources.NAME.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (PEM).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[sinks.NAME]`, by `type`.
+#[derive(Debug)]
+pub enum SinkConfig {
+    /// `type = "mqtt"` (boxed: by far the largest).
+    Mqtt(Box<MqttSinkConfig>),
+    /// `type = "file"`.
+    File(FileSinkConfig),
+    /// `type = "console"`.
+    Console(ConsoleSinkConfig),
+}
+
+impl SinkConfig {
+    /// The sources this sink reads.
+    pub fn inputs(&self) -> &Spanned<Vec<String>> {
+        match self {
+            SinkConfig::Mqtt(sink) => &sink.inputs,
+            SinkConfig::File(sink) => &sink.inputs,
+            SinkConfig::Console(sink) => &sink.inputs,
+        }
+    }
+
+    /// The buffer in front of this sink.
+    pub fn buffer(&self) -> &BufferConfig {
+        match self {
+            SinkConfig::Mqtt(sink) => &sink.buffer,
+            SinkConfig::File(sink) => &sink.buffer,
+            SinkConfig::Console(sink) => &sink.buffer,
+        }
+    }
+}
+
+/// How an event is written out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// `{"device", "kind", "received_at", "source", "payload"}`.
+    #[default]
+    Envelope,
+    /// The device's JSON unchanged.
+    Raw,
+}
+
+/// `[sinks.NAME]` with `type = "mqtt"`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSinkConfig {
+    /// Sources to read.
+    pub inputs: Spanned<Vec<String>>,
+    /// Buffer in front of the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub url: Spanned<String>,
+    /// MQTT client id; defaults to the gateway id. Keep it stable for a persistent session.
+    pub client_id: Option<String>,
+    /// Protocol version.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
+    /// Topic per event.
+    #[serde(default = "default_topic")]
+    pub topic: TopicTemplate,
+    /// Default QoS for every kind.
+    #[serde(default = "default_qos")]
+    pub qos: Qos,
+    /// QoS per event kind, overriding `qos`.
+    #[serde(default)]
+    pub qos_by_kind: BTreeMap<String, Qos>,
+    /// Envelope or raw device JSON.
+    #[serde(default)]
+    pub format: OutputFormat,
+    /// Start a fresh session on every connect (loses queued commands).
+    #[serde(default)]
+    pub clean_session: bool,
+    /// MQTT 5 session expiry.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: HumanDuration,
+    /// MQTT keepalive.
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive: HumanDuration,
+    /// Broker user name.
+    pub username: Option<String>,
+    /// Broker password (use `${ENV}`).
+    pub password: Option<String>,
+    /// Retained gateway status topic (`online`, will `offline`).
+    #[serde(default = "default_status_topic")]
+    pub status_topic: TopicTemplate,
+    /// Topic filter the gateway subscribes to for device commands.
+    #[serde(default = "default_command_topic")]
+    pub command_topic: TopicTemplate,
+    /// First reconnect delay.
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min: HumanDuration,
+    /// Largest reconnect delay.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max: HumanDuration,
+    /// Publishes awaiting acknowledgement at once.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Events per publish; above 1 a publish carries a JSON array.
+    #[serde(default = "default_batch_max_events")]
+    pub batch_max_events: usize,
+    /// How long a batch may wait to fill.
+    #[serde(default = "default_batch_max_delay")]
+    pub batch_max_delay: HumanDuration,
+    /// One topic for all batches (placeholders `{gateway}`, `{source}`).
+    pub batch_topic: Option<TopicTemplate>,
+    /// TLS options for `mqtts://`.
+    pub tls: Option<ClientTlsConfig>,
+}
+
+fn default_topic() -> TopicTemplate {
+    TopicTemplate::parse("gateways/{gateway}/devices/{device}/{kind}")
+        .expect("built-in template is valid")
+}
+fn default_status_topic() -> TopicTemplate {
+    TopicTemplate::parse("gateways/{gateway}/status").expect("built-in template is valid")
+}
+fn default_command_topic() -> TopicTemplate {
+    TopicTemplate::parse("gateways/{gateway}/devices/+/commands")
+        .expect("built-in template is valid")
+}
+fn default_qos() -> Qos {
+    Qos(1)
+}
+fn default_session_expiry() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_keep_alive() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_reconnect_min() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+fn default_reconnect_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_max_inflight() -> u16 {
+    100
+}
+fn default_batch_max_events() -> usize {
+    1
+}
+fn default_batch_max_delay() -> HumanDuration {
+    HumanDuration(Duration::from_millis(5))
+}
+
+impl MqttSinkConfig {
+    /// The QoS for one kind of event.
+    pub fn qos_for(&self, kind: EventKind) -> Qos {
+        self.qos_by_kind
+            .get(kind.as_str())
+            .copied()
+            .unwrap_or(self.qos)
+    }
+
+    pub(super) fn check(&self, context: &Context<'_>, name: &str) -> Result<(), ConfigError> {
+        let url = self.url.get_ref();
+        if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) {
+            return Err(context.error_at(
+                self.url.span(),
+                &format!("sinks.{name}.url"),
+                format!("{url:?} must start with mqtt:// or mqtts://"),
+            ));
+        }
+        if crate::sinks::mqtt::BrokerAddress::parse(url).is_none() {
+            return Err(context.error_at(
+                self.url.span(),
+                &format!("sinks.{name}.url"),
+                format!("{url:?} is not mqtt[s]://HOST:PORT"),
+            ));
+        }
+        let key = |field: &str| format!("sinks.{name}.{field}");
+        let whole = |field: &str, message: String| {
+            context.error_at(0..0, &key(field), message).without_line()
+        };
+        for kind in self.qos_by_kind.keys() {
+            if EventKind::parse(kind).is_none() {
+                return Err(whole(
+                    "qos_by_kind",
+                    format!(
+                        "unknown kind {kind:?}; kinds: telemetry, status, alarm, command_result, event"
+                    ),
+                ));
+            }
+        }
+        if self.max_inflight == 0 {
+            return Err(whole("max_inflight", "must be at least 1".into()));
+        }
+        if self.batch_max_events == 0 || self.batch_max_events > 10_000 {
+            return Err(whole(
+                "batch_max_events",
+                "must be between 1 and 10000".into(),
+            ));
+        }
+        if self.reconnect_min.0 > self.reconnect_max.0 || self.reconnect_min.0.is_zero() {
+            return Err(whole(
+                "reconnect_min",
+                "must be above 0 and at most reconnect_max".into(),
+            ));
+        }
+        if self.keep_alive.0 < Duration::from_secs(1)
+            || self.keep_alive.0 > Duration::from_secs(65535)
+        {
+            return Err(whole("keep_alive", "must be between 1s and 65535s".into()));
+        }
+        if self.password.is_some() && self.username.is_none() {
+            return Err(whole("password", "a password needs a username".into()));
+        }
+        for (field, template) in [
+            ("topic", Some(&self.topic)),
+            ("status_topic", Some(&self.status_topic)),
+            ("batch_topic", self.batch_topic.as_ref()),
+        ] {
+            if template.is_some_and(TopicTemplate::has_wildcards) {
+                return Err(whole(field, "a publish topic cannot contain + or #".into()));
+            }
+        }
+        if self.status_topic.is_per_event()
+            || self
+                .batch_topic
+                .as_ref()
+                .is_some_and(TopicTemplate::is_per_event)
+        {
+            return Err(whole(
+                "status_topic",
+                "status_topic and batch_topic may only use {gateway} and {source}".into(),
+            ));
+        }
+        let command = self.command_topic.render_gateway("gw");
+        if command.matches('+').count() != 1
+            || command.contains('#')
+            || self.command_topic.is_per_event()
+        {
+            return Err(whole(
+                "command_topic",
+                "needs exactly one `+` level (the device id), no `#`, and no {device} or {kind}"
+                    .into(),
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                return Err(whole("tls", "cert and key must be given together".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// MQTT protocol version.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum MqttProtocol {
+    /// MQTT 3.1.1.
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5.0.
+    #[serde(rename = "5", alias = "5.0")]
+    V5,
+}
+
+/// An MQTT QoS level, 0..=2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Qos(pub u8);
+
+impl<'de> Deserialize<'de> for Qos {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let level = i64::deserialize(deserializer)?;
+        match u8::try_from(level) {
+            Ok(level @ 0..=2) => Ok(Qos(level)),
+            _ => Err(serde::de::Error::custom(format!(
+                "QoS must be 0, 1 or 2, not {level}"
+            ))),
+        }
+    }
+}
+
+/// `[sinks.NAME.tls]` for `mqtts://`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsConfig {
+    /// CA certificates to trust (PEM); system roots when absent.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain for mutual TLS (PEM).
+    pub cert: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM).
+    pub key: Option<PathBuf>,
+}
+
+/// `[sinks.NAME]` with `type = "file"`: rotating NDJSON files.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// Sources to read.
+    pub inputs: Spanned<Vec<String>>,
+    /// Buffer in front of the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Output directory; `<data_dir>/sinks/<name>` when absent.
+    pub directory: Option<PathBuf>,
+    /// Rotate after this many bytes.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Keep this many files; the oldest is deleted on rotation.
+    #[serde(default = "default_max_files")]
+    pub max_files: usize,
+    /// Envelope or raw device JSON.
+    #[serde(default)]
+    pub format: OutputFormat,
+}
+
+fn default_max_file_size() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+fn default_max_files() -> usize {
+    10
+}
+
+/// `[sinks.NAME]` with `type = "console"`: one line per event on stdout.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSinkConfig {
+    /// Sources to read.
+    pub inputs: Spanned<Vec<String>>,
+    /// Buffer in front of the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Envelope or raw device JSON.
+    #[serde(default)]
+    pub format: OutputFormat,
+}
+
+/// `[sinks.NAME.buffer]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Disk (default) or memory.
+    #[serde(default, rename = "type")]
+    pub kind: BufferKind,
+    /// Largest size of the buffer's data.
+    #[serde(default = "default_max_size")]
+    pub max_size: ByteSize,
+    /// What happens to new events when the buffer is full.
+    #[serde(default)]
+    pub when_full: WhenFull,
+    /// When appends are forced to stable storage.
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+    /// The period of `fsync = "interval"`.
+    #[serde(default = "default_fsync_interval")]
+    pub fsync_interval: HumanDuration,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            kind: BufferKind::Disk,
+            max_size: default_max_size(),
+            when_full: WhenFull::Block,
+            fsync: FsyncPolicy::Interval,
+            fsync_interval: default_fsync_interval(),
+        }
+    }
+}
+
+fn default_max_size() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_fsync_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+/// Buffer storage.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BufferKind {
+    /// Segment files in the data dir: survives restarts and crashes.
+    #[default]
+    Disk,
+    /// RAM only: lost on restart.
+    Memory,
+}
+
+/// What a full buffer does with a new event.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Wait for room: backpressure reaches the devices.
+    #[default]
+    Block,
+    /// Drop the new event and count it.
+    DropNewest,
+    /// Evict the oldest buffered events and count them.
+    DropOldest,
+}
+
+/// When buffer appends reach stable storage.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsyncPolicy {
+    /// Before a device is acked: nothing acked is lost even on power loss.
+    Always,
+    /// Every `fsync_interval`: power loss may lose up to that much.
+    #[default]
+    Interval,
+    /// Never forced: the OS decides.
+    Never,
+}

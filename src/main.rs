@@ -1,0 +1,108 @@
+//! `fieldgate`: a lightweight IoT edge gateway. Devices in, durable store-and-forward,
+//! cloud MQTT out.
+#![forbid(unsafe_code)]
+
+mod api;
+mod buffer;
+mod config;
+mod pipeline;
+mod sinks;
+mod sources;
+mod telemetry;
+mod topology;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// A lightweight IoT edge gateway: devices in, durable store-and-forward, cloud MQTT out.
+#[derive(Parser)]
+#[command(name = "fieldgate", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (on the embedded default config unless --config is given).
+    Run {
+        /// Config file (TOML). Without it: TCP devices on 127.0.0.1:7000, API on
+        /// 127.0.0.1:8080, events to ./data/sinks/local/*.ndjson and the console.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Validate a config file and exit: 0 when valid, 1 with file, line and key otherwise.
+    Check {
+        /// Config file (TOML).
+        file: PathBuf,
+    },
+    /// Print the embedded default config.
+    DefaultConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { file } => match config::load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} source(s), {} sink(s))",
+                    file.display(),
+                    config.sources.len(),
+                    config.sinks.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("error: {err}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DefaultConfig => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config: path } => {
+            let loaded = match &path {
+                Some(path) => config::load(path),
+                None => config::parse("<embedded default>", config::DEFAULT_CONFIG, |var| {
+                    std::env::var(var).ok()
+                }),
+            };
+            let config = match loaded {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            telemetry::logging::init(&config.log);
+            if rustls::crypto::ring::default_provider()
+                .install_default()
+                .is_err()
+            {
+                tracing::debug!("a rustls crypto provider was already installed");
+            }
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("error: cannot start the async runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(topology::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    tracing::error!("{err:#}");
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

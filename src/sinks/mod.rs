@@ -1,0 +1,10 @@
+//! Sinks: where events leave the gateway. Each reads its own buffer and acknowledges
+//! records only once its destination has them.
+
+pub mod console;
+pub mod file;
+pub mod format;
+pub mod mqtt;
+mod topic;
+
+pub use topic::{TopicTemplate, single_wildcard_match};

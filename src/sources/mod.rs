@@ -1,0 +1,17 @@
+//! Sources: where events enter the gateway. Each turns device traffic into [`Event`]s
+//! and hands them to its [`crate::pipeline::SourceOutput`].
+//!
+//! [`Event`]: fieldgate_core::Event
+
+pub mod directory;
+pub mod tcp;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch, the gateway's timestamp for received events.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}

@@ -1,0 +1,524 @@
+//! One device connection: read frames, turn them into events, answer acks and errors,
+//! deliver commands, and enforce the limits (frame size, rate, silence, errors).
+//!
+//! Invariants: the connection reads only while the pipeline accepts (a full buffer with
+//! `when_full = "block"` stops it); it holds no read buffer while idle; a bad frame costs
+//! an error frame and a counter, never a panic, and never affects another connection.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fieldgate_codec::{
+    DeviceMessage, FrameDecoder, Reply, encode_reply, parse_message, validate_device_id,
+};
+use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::SourceShared;
+use super::stream::DeviceStream;
+use crate::config::AuthMode;
+use crate::pipeline::{AckOutcome, AckWaiter};
+use crate::sources::directory::{COMMAND_QUEUE, DeviceCommand};
+use crate::sources::now_ms;
+use crate::telemetry::metrics::ParseLabels;
+
+/// Acks awaited at once; beyond it the connection stops reading until the oldest resolves.
+const MAX_PENDING_ACKS: usize = 4096;
+/// Devices one connection may speak for without a hello (a concentrator).
+const MAX_DEVICES_PER_CONNECTION: usize = 256;
+/// A device that does not read its replies for this long is disconnected.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a connection ended, for the offline status and the log.
+#[derive(Debug, Clone, Copy)]
+enum CloseReason {
+    Disconnected,
+    Idle,
+    FrameTimeout,
+    TooManyErrors,
+    Unauthorized,
+    FatalFrame,
+    WriteFailed,
+    Shutdown,
+}
+
+impl CloseReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::Idle => "heartbeat_timeout",
+            CloseReason::FrameTimeout => "frame_timeout",
+            CloseReason::TooManyErrors => "too_many_errors",
+            CloseReason::Unauthorized => "unauthorized",
+            CloseReason::FatalFrame => "frame_too_large",
+            CloseReason::WriteFailed => "write_failed",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+struct Connection {
+    shared: Arc<SourceShared>,
+    stream: DeviceStream,
+    id: u64,
+    decoder: FrameDecoder,
+    /// Partial frame bytes; empty (no allocation) between frames.
+    buf: BytesMut,
+    /// The device named by a hello, if any.
+    hello_device: Option<DeviceId>,
+    /// Every device registered for commands by this connection.
+    devices: HashSet<DeviceId>,
+    commands_tx: Option<mpsc::Sender<DeviceCommand>>,
+    commands_rx: Option<mpsc::Receiver<DeviceCommand>>,
+    pending_acks: VecDeque<(u64, AckWaiter)>,
+    data_frames: u64,
+    errors: u32,
+    rate_window_start: Instant,
+    rate_window_frames: u32,
+    out: BytesMut,
+}
+
+/// Serves one connection until it closes or `shutdown` fires.
+pub async fn serve(
+    shared: Arc<SourceShared>,
+    stream: DeviceStream,
+    id: u64,
+    shutdown: CancellationToken,
+) {
+    shared.connections.inc();
+    let decoder = FrameDecoder::new(shared.settings.framing, shared.settings.max_frame);
+    let mut connection = Connection {
+        shared: Arc::clone(&shared),
+        stream,
+        id,
+        decoder,
+        buf: BytesMut::new(),
+        hello_device: None,
+        devices: HashSet::new(),
+        commands_tx: None,
+        commands_rx: None,
+        pending_acks: VecDeque::new(),
+        data_frames: 0,
+        errors: 0,
+        rate_window_start: Instant::now(),
+        rate_window_frames: 0,
+        out: BytesMut::new(),
+    };
+    let reason = connection.run(&shutdown).await;
+    connection.close(reason).await;
+    shared.connections.dec();
+}
+
+impl Connection {
+    async fn run(&mut self, shutdown: &CancellationToken) -> CloseReason {
+        let settings_idle = self.shared.settings.idle_timeout;
+        let mut last_activity = Instant::now();
+        let mut frame_started: Option<Instant> = None;
+        loop {
+            let deadline = match frame_started {
+                Some(started) => (started + self.shared.settings.frame_timeout)
+                    .min(last_activity + settings_idle),
+                None => last_activity + settings_idle,
+            };
+            let can_read = self.pending_acks.len() < MAX_PENDING_ACKS;
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return CloseReason::Shutdown,
+                outcome = front_ack(&mut self.pending_acks) => {
+                    if let Some(seq) = self.pending_acks.pop_front().map(|(seq, _)| seq) {
+                        let reply = match outcome {
+                            AckOutcome::Stored => Reply::Ack { seq },
+                            AckOutcome::Rejected(reason) => Reply::Nack { seq, reason },
+                        };
+                        if !self.reply(&reply).await {
+                            return CloseReason::WriteFailed;
+                        }
+                    }
+                }
+                command = next_command(&mut self.commands_rx) => {
+                    if let Some(command) = command {
+                        let reply = Reply::Command { id: &command.id, name: &command.name, params: &command.params };
+                        if !self.reply(&reply).await {
+                            return CloseReason::WriteFailed;
+                        }
+                    }
+                }
+                read = self.stream.read_some(&mut self.buf), if can_read => {
+                    match read {
+                        Ok(0) | Err(_) => return CloseReason::Disconnected,
+                        Ok(_) => {
+                            last_activity = Instant::now();
+                            if let Some(reason) = self.process_buffer().await {
+                                return reason;
+                            }
+                            if self.decoder.is_mid_frame(&self.buf) {
+                                frame_started.get_or_insert(last_activity);
+                            } else {
+                                frame_started = None;
+                            }
+                            if self.buf.is_empty() {
+                                // Release the read buffer while idle.
+                                self.buf = BytesMut::new();
+                            }
+                        }
+                    }
+                }
+                () = sleep_until(deadline) => {
+                    if frame_started.is_some_and(|started| Instant::now() >= started + self.shared.settings.frame_timeout) {
+                        self.protocol_error("frame_timeout", "frame not completed in time").await;
+                        return CloseReason::FrameTimeout;
+                    }
+                    return CloseReason::Idle;
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete frame in the buffer.
+    async fn process_buffer(&mut self) -> Option<CloseReason> {
+        loop {
+            let frame = match self.decoder.decode(&mut self.buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return None,
+                Err(err) => {
+                    let fatal = err.is_fatal();
+                    if let Some(reason) = self.protocol_error(err.reason(), &err.to_string()).await
+                    {
+                        return Some(reason);
+                    }
+                    if fatal {
+                        return Some(CloseReason::FatalFrame);
+                    }
+                    continue;
+                }
+            };
+            self.throttle().await;
+            if let Some(reason) = self.handle_frame(frame).await {
+                return Some(reason);
+            }
+        }
+    }
+
+    /// Waits when the device is above `max_frames_per_second`: it is slowed, never dropped.
+    async fn throttle(&mut self) {
+        let limit = self.shared.settings.max_frames_per_second;
+        if limit == 0 {
+            return;
+        }
+        let now = Instant::now();
+        if now >= self.rate_window_start + Duration::from_secs(1) {
+            self.rate_window_start = now;
+            self.rate_window_frames = 0;
+        }
+        self.rate_window_frames += 1;
+        if self.rate_window_frames > limit {
+            let resume = self.rate_window_start + Duration::from_secs(1);
+            tokio::time::sleep_until(resume).await;
+            self.rate_window_start = resume;
+            self.rate_window_frames = 1;
+        }
+    }
+
+    async fn handle_frame(&mut self, frame: Bytes) -> Option<CloseReason> {
+        let allow_binary = self.shared.settings.framing == fieldgate_codec::Framing::LengthPrefixed;
+        let message = match parse_message(&frame, allow_binary) {
+            Ok(message) => message,
+            Err(err) => return self.protocol_error(err.code(), &err.to_string()).await,
+        };
+        let (device, kind, seq, device_time_ms, format) = match message {
+            DeviceMessage::Hello { device, token } => {
+                return self.hello(&device, token.as_deref()).await;
+            }
+            DeviceMessage::Heartbeat => return None,
+            DeviceMessage::Data {
+                device,
+                kind,
+                seq,
+                device_time_ms,
+            } => (
+                device.map(|d| d.into_owned()),
+                kind,
+                seq,
+                device_time_ms,
+                PayloadFormat::Json,
+            ),
+            DeviceMessage::CommandResult { device, seq, .. } => (
+                device.map(|d| d.into_owned()),
+                EventKind::CommandResult,
+                seq,
+                None,
+                PayloadFormat::Json,
+            ),
+            DeviceMessage::Binary => (
+                None,
+                EventKind::Telemetry,
+                None,
+                None,
+                PayloadFormat::Binary,
+            ),
+        };
+        let device = match self.resolve_device(device.as_deref()).await {
+            Ok(device) => device,
+            Err(close) => return close,
+        };
+        self.data_frames += 1;
+        let seq = seq.unwrap_or(self.data_frames);
+        let mut event = Event::new(
+            device,
+            kind,
+            Arc::clone(&self.shared.settings.name),
+            now_ms(),
+            format,
+            frame,
+        );
+        event.device_time_ms = device_time_ms;
+        self.shared.received.inc();
+        if let Some(waiter) = self
+            .shared
+            .output
+            .send(event, self.shared.settings.ack)
+            .await
+        {
+            self.pending_acks.push_back((seq, waiter));
+        }
+        None
+    }
+
+    /// Decides whose message this is. `Err(None)` = rejected but keep the connection.
+    async fn resolve_device(
+        &mut self,
+        named: Option<&str>,
+    ) -> Result<DeviceId, Option<CloseReason>> {
+        match (named, &self.hello_device) {
+            (Some(named), Some(hello)) if named != hello.as_str() => Err(self
+                .protocol_error(
+                    "device_mismatch",
+                    "message names another device than the hello",
+                )
+                .await),
+            (_, Some(hello)) => Ok(hello.clone()),
+            (None, None) => Err(self
+                .protocol_error("missing_device", "send a hello or a \"device\" field")
+                .await),
+            (Some(named), None) => {
+                if self.shared.settings.auth == AuthMode::Token {
+                    self.auth_failed("a hello with a token is required first")
+                        .await;
+                    return Err(Some(CloseReason::Unauthorized));
+                }
+                if let Err(err) = validate_device_id(named) {
+                    return Err(self.protocol_error(err.code(), &err.to_string()).await);
+                }
+                let device = DeviceId::new(named);
+                if !self.devices.contains(&device) {
+                    if self.devices.len() >= MAX_DEVICES_PER_CONNECTION {
+                        return Err(self
+                            .protocol_error("invalid_field", "too many devices on one connection")
+                            .await);
+                    }
+                    self.register(device.clone()).await;
+                }
+                Ok(device)
+            }
+        }
+    }
+
+    async fn hello(&mut self, device: &str, token: Option<&str>) -> Option<CloseReason> {
+        if let Err(err) = validate_device_id(device) {
+            return self.protocol_error(err.code(), &err.to_string()).await;
+        }
+        if self.shared.settings.auth == AuthMode::Token {
+            let valid = token.is_some_and(|token| {
+                self.shared
+                    .settings
+                    .tokens
+                    .iter()
+                    .any(|known| constant_time_eq(known.as_bytes(), token.as_bytes()))
+            });
+            if !valid {
+                self.auth_failed("invalid token").await;
+                return Some(CloseReason::Unauthorized);
+            }
+        }
+        let device = DeviceId::new(device);
+        if self.hello_device.as_ref() != Some(&device) {
+            tracing::Span::current().record("device", device.as_str());
+            self.hello_device = Some(device.clone());
+            if !self.devices.contains(&device) {
+                self.register(device.clone()).await;
+            }
+        }
+        if self
+            .reply(&Reply::Welcome {
+                device: device.as_str(),
+            })
+            .await
+        {
+            None
+        } else {
+            Some(CloseReason::WriteFailed)
+        }
+    }
+
+    /// Makes the device reachable for commands and announces it online.
+    async fn register(&mut self, device: DeviceId) {
+        let sender = match &self.commands_tx {
+            Some(sender) => sender.clone(),
+            None => {
+                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+                self.commands_rx = Some(rx);
+                self.commands_tx = Some(tx.clone());
+                tx
+            }
+        };
+        self.shared
+            .directory
+            .register(device.clone(), self.id, sender);
+        self.devices.insert(device.clone());
+        tracing::info!(device = %device, "device online");
+        self.status_event(device, Bytes::from_static(br#"{"status":"online"}"#))
+            .await;
+    }
+
+    async fn status_event(&self, device: DeviceId, payload: Bytes) {
+        let event = Event::new(
+            device,
+            EventKind::Status,
+            Arc::clone(&self.shared.settings.name),
+            now_ms(),
+            PayloadFormat::Json,
+            payload,
+        );
+        // Status is not acked to anyone; the waiter is not requested.
+        let _no_waiter = self.shared.output.send(event, false).await;
+    }
+
+    async fn auth_failed(&mut self, message: &str) {
+        self.shared
+            .metrics
+            .auth_failures
+            .get_or_create(&crate::telemetry::Metrics::source(
+                &self.shared.settings.name,
+            ))
+            .inc();
+        tracing::warn!(message, "device authentication failed");
+        let _sent = self
+            .reply(&Reply::Error {
+                code: "unauthorized",
+                message,
+            })
+            .await;
+    }
+
+    /// Counts and answers a protocol error; `Some` when the connection must close.
+    async fn protocol_error(&mut self, code: &'static str, message: &str) -> Option<CloseReason> {
+        let labels = ParseLabels {
+            source: self.shared.settings.name.to_string(),
+            reason: code.to_owned(),
+        };
+        self.shared
+            .metrics
+            .parse_failures
+            .get_or_create(&labels)
+            .inc();
+        tracing::debug!(code, message, "protocol error");
+        self.errors += 1;
+        if !self.reply(&Reply::Error { code, message }).await {
+            return Some(CloseReason::WriteFailed);
+        }
+        if self.errors >= self.shared.settings.max_errors {
+            tracing::info!(
+                errors = self.errors,
+                "closing connection after too many protocol errors"
+            );
+            let _sent = self
+                .reply(&Reply::Error {
+                    code: "too_many_errors",
+                    message: "too many protocol errors; closing",
+                })
+                .await;
+            return Some(CloseReason::TooManyErrors);
+        }
+        None
+    }
+
+    /// Writes one reply frame; false when the device cannot be written to.
+    async fn reply(&mut self, reply: &Reply<'_>) -> bool {
+        self.out.clear();
+        encode_reply(self.shared.settings.framing, reply, &mut self.out);
+        let written = tokio::time::timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await;
+        if self.out.capacity() > 4096 {
+            self.out = BytesMut::new();
+        }
+        matches!(written, Ok(Ok(())))
+    }
+
+    /// Answers what can still be answered, unregisters the devices, reports them offline.
+    async fn close(&mut self, reason: CloseReason) {
+        if matches!(reason, CloseReason::Shutdown | CloseReason::Disconnected) {
+            // Acks for events already handed to the pipeline: answer them if they resolve
+            // quickly, so a device does not resend what is stored.
+            while let Some((seq, waiter)) = self.pending_acks.pop_front() {
+                let Ok(outcome) = tokio::time::timeout(Duration::from_secs(1), waiter).await else {
+                    break;
+                };
+                let reply = match outcome {
+                    AckOutcome::Stored => Reply::Ack { seq },
+                    AckOutcome::Rejected(reason) => Reply::Nack { seq, reason },
+                };
+                if !self.reply(&reply).await {
+                    break;
+                }
+            }
+        }
+        self.stream.shutdown().await;
+        for device in std::mem::take(&mut self.devices) {
+            self.shared.directory.unregister(&device, self.id);
+            tracing::info!(device = %device, reason = reason.as_str(), "device offline");
+            let payload = format!(r#"{{"status":"offline","reason":"{}"}}"#, reason.as_str());
+            self.status_event(device, Bytes::from(payload)).await;
+        }
+    }
+}
+
+/// Resolves with the oldest pending ack's outcome; never resolves when none is pending.
+async fn front_ack(pending: &mut VecDeque<(u64, AckWaiter)>) -> AckOutcome {
+    match pending.front_mut() {
+        Some((_, waiter)) => waiter.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next command for this connection; never resolves before a device registered.
+async fn next_command(
+    commands: &mut Option<mpsc::Receiver<DeviceCommand>>,
+) -> Option<DeviceCommand> {
+    match commands {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Compares secrets without revealing where they differ through timing.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_eq_compares() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+    }
+}

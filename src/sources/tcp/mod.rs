@@ -1,0 +1,206 @@
+//! The TCP device source: a listener, one task per connection.
+//!
+//! Connections beyond `max_connections` wait in the kernel's accept queue. Each
+//! connection is handled by [`connection`], which owns its socket and nothing else.
+
+mod connection;
+mod stream;
+pub mod tls;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fieldgate_codec::Framing;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use self::stream::DeviceStream;
+use super::directory::DeviceDirectory;
+use crate::config::{AuthMode, FramingConfig, TcpSourceConfig};
+use crate::pipeline::SourceOutput;
+use crate::telemetry::Metrics;
+
+/// Settings every connection of a source shares.
+pub struct SourceSettings {
+    /// Source name from the config.
+    pub name: Arc<str>,
+    /// Frame delimiting.
+    pub framing: Framing,
+    /// Largest frame.
+    pub max_frame: usize,
+    /// Whether a hello with a token is required.
+    pub auth: AuthMode,
+    /// Accepted tokens.
+    pub tokens: Vec<String>,
+    /// Answer every message once stored.
+    pub ack: bool,
+    /// Frames per second per connection; 0 = unlimited.
+    pub max_frames_per_second: u32,
+    /// Protocol errors before closing.
+    pub max_errors: u32,
+    /// Silence after which a device is closed.
+    pub idle_timeout: Duration,
+    /// Time allowed to finish a started frame (and a TLS handshake).
+    pub frame_timeout: Duration,
+}
+
+/// Shared by the listener and its connections.
+pub struct SourceShared {
+    /// Settings.
+    pub settings: SourceSettings,
+    /// Where events go.
+    pub output: SourceOutput,
+    /// Connected devices, for commands.
+    pub directory: Arc<DeviceDirectory>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// `fieldgate_connections{source}`.
+    pub connections: Gauge,
+    /// `fieldgate_received_events_total{source}`.
+    pub received: Counter,
+    next_connection: AtomicU64,
+}
+
+/// A TCP source, built from config and bound, ready to run.
+pub struct TcpSource {
+    shared: Arc<SourceShared>,
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+}
+
+impl TcpSource {
+    /// Builds the source and binds its listener.
+    pub async fn bind(
+        name: &str,
+        config: &TcpSourceConfig,
+        output: SourceOutput,
+        directory: Arc<DeviceDirectory>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let address = *config.address.get_ref();
+        let tls = config
+            .tls
+            .as_ref()
+            .map(tls::acceptor)
+            .transpose()
+            .with_context(|| format!("source `{name}`: TLS set-up failed"))?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("source `{name}`: cannot listen on {address}"))?;
+        let label = Metrics::source(name);
+        let settings = SourceSettings {
+            name: Arc::from(name),
+            framing: match config.framing {
+                FramingConfig::Lines => Framing::Lines,
+                FramingConfig::LengthPrefixed => Framing::LengthPrefixed,
+            },
+            max_frame: usize::try_from(config.max_frame.0).unwrap_or(usize::MAX),
+            auth: config.auth,
+            tokens: config.tokens.clone(),
+            ack: config.ack,
+            max_frames_per_second: config.max_frames_per_second,
+            max_errors: config.max_errors.max(1),
+            idle_timeout: config.heartbeat_interval.0 * config.heartbeat_misses.max(1),
+            frame_timeout: config.frame_timeout.0,
+        };
+        let shared = SourceShared {
+            settings,
+            output,
+            directory,
+            connections: metrics.connections.get_or_create(&label).clone(),
+            received: metrics.received_events.get_or_create(&label).clone(),
+            metrics: Arc::clone(&metrics),
+            next_connection: AtomicU64::new(1),
+        };
+        Ok(Self {
+            shared: Arc::new(shared),
+            listener,
+            tls,
+            max_connections: config.max_connections.max(1),
+        })
+    }
+
+    /// Accepts until `shutdown`, then waits for its connections to close.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let limit = Arc::new(Semaphore::new(self.max_connections));
+        let connections = TaskTracker::new();
+        let name = Arc::clone(&self.shared.settings.name);
+        tracing::info!(source = %name, address = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "accepting devices");
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                permit = Arc::clone(&limit).acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+            };
+            let (socket, peer) = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // EMFILE and friends: back off briefly instead of spinning.
+                        tracing::warn!(source = %name, error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            // Small frames and acks must not wait for Nagle.
+            if let Err(err) = socket.set_nodelay(true) {
+                tracing::debug!(source = %name, %peer, error = %err, "cannot set TCP_NODELAY");
+            }
+            let shared = Arc::clone(&self.shared);
+            let tls = self.tls.clone();
+            let shutdown = shutdown.child_token();
+            let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+            let span = tracing::info_span!("device", source = %name, %peer, conn = id, device = tracing::field::Empty);
+            connections.spawn(
+                async move {
+                    let _permit = permit;
+                    let stream = match tls {
+                        None => DeviceStream::Plain(socket),
+                        Some(acceptor) => {
+                            match tokio::time::timeout(
+                                shared.settings.frame_timeout,
+                                acceptor.accept(socket),
+                            )
+                            .await
+                            {
+                                Ok(Ok(stream)) => DeviceStream::Tls(Box::new(stream)),
+                                Ok(Err(err)) => {
+                                    tracing::info!(error = %err, "TLS handshake failed");
+                                    shared
+                                        .metrics
+                                        .auth_failures
+                                        .get_or_create(&Metrics::source(&shared.settings.name))
+                                        .inc();
+                                    return;
+                                }
+                                Err(_) => {
+                                    tracing::info!("TLS handshake timed out");
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    connection::serve(shared, stream, id, shutdown).await;
+                }
+                .instrument(span),
+            );
+        }
+        drop(self.listener);
+        connections.close();
+        connections.wait().await;
+        tracing::info!(source = %name, "source stopped");
+    }
+}

@@ -1,0 +1,66 @@
+//! A device's byte stream: plain TCP or TLS, with reads that hold no buffer while idle.
+
+use std::io;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+/// Bytes taken per read from a plain socket.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// A device connection's transport.
+pub enum DeviceStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (boxed: the TLS state is large).
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl DeviceStream {
+    /// Waits for data and appends it to `buf`; `Ok(0)` at end of stream.
+    ///
+    /// A plain socket is awaited with no buffer allocated: only once data is there is it
+    /// copied into `buf`, so an idle connection costs no read buffer.
+    pub async fn read_some(&mut self, buf: &mut BytesMut) -> io::Result<usize> {
+        match self {
+            DeviceStream::Plain(stream) => loop {
+                stream.readable().await?;
+                let mut chunk = [0u8; READ_CHUNK];
+                match stream.try_read(&mut chunk) {
+                    Ok(read) => {
+                        buf.extend_from_slice(&chunk[..read]);
+                        return Ok(read);
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(err) => return Err(err),
+                }
+            },
+            DeviceStream::Tls(stream) => {
+                buf.reserve(READ_CHUNK);
+                stream.read_buf(buf).await
+            }
+        }
+    }
+
+    /// Writes all of `data`.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            DeviceStream::Plain(stream) => stream.write_all(data).await,
+            DeviceStream::Tls(stream) => {
+                stream.write_all(data).await?;
+                stream.flush().await
+            }
+        }
+    }
+
+    /// Closes the write side politely.
+    pub async fn shutdown(&mut self) {
+        // The peer may already be gone; nothing to do about it then.
+        let _closed = match self {
+            DeviceStream::Plain(stream) => stream.shutdown().await,
+            DeviceStream::Tls(stream) => stream.shutdown().await,
+        };
+    }
+}

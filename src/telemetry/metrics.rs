@@ -1,0 +1,274 @@
+//! The gateway's Prometheus metrics, registered once and shared by every component.
+//!
+//! Names written in issues are contracts (`fieldgate_sent_events_total{sink}`, …).
+//! Components resolve their label handles once at start-up, so the hot path is an
+//! atomic add, not a label lookup.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::process::ProcessCollector;
+
+/// `{source}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    /// Source name from the config.
+    pub source: String,
+}
+
+/// `{sink}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabel {
+    /// Sink name from the config.
+    pub sink: String,
+}
+
+/// `{sink, reason}` for events that will never be delivered.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    /// Sink the event was meant for.
+    pub sink: String,
+    /// A closed set: `buffer_full`, `evicted`, `corrupt`, `encode_failed`, `rejected`.
+    pub reason: String,
+}
+
+/// `{source, reason}` for frames a device got wrong.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ParseLabels {
+    /// Source name from the config.
+    pub source: String,
+    /// The wire error code (`invalid_json`, `frame_too_large`, …).
+    pub reason: String,
+}
+
+/// Every metric the gateway exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open device connections per source.
+    pub connections: Family<SourceLabel, Gauge>,
+    /// Events accepted from devices per source.
+    pub received_events: Family<SourceLabel, Counter>,
+    /// Events acknowledged by the upstream per sink.
+    pub sent_events: Family<SinkLabel, Counter>,
+    /// Events given up on, by sink and reason.
+    pub dropped_events: Family<DropLabels, Counter>,
+    /// Bad frames per source and reason.
+    pub parse_failures: Family<ParseLabels, Counter>,
+    /// Connections refused or closed for authentication failures.
+    pub auth_failures: Family<SourceLabel, Counter>,
+    /// Events waiting in each sink's buffer.
+    pub buffer_events: Family<SinkLabel, Gauge>,
+    /// Bytes held by each sink's buffer.
+    pub buffer_bytes: Family<SinkLabel, Gauge>,
+    /// Corrupt buffer bytes cut away at start-up or found while reading.
+    pub buffer_corrupt_bytes: Family<SinkLabel, Counter>,
+    /// 1 while the sink's upstream connection is up.
+    pub upstream_connected: Family<SinkLabel, Gauge>,
+    /// Upstream connection attempts that failed.
+    pub upstream_connect_failures: Family<SinkLabel, Counter>,
+    /// Receipt to upstream acknowledgement.
+    pub event_latency: Family<SinkLabel, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0, 300.0,
+    ])
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let metrics = Self {
+            connections: Family::default(),
+            received_events: Family::default(),
+            sent_events: Family::default(),
+            dropped_events: Family::default(),
+            parse_failures: Family::default(),
+            auth_failures: Family::default(),
+            buffer_events: Family::default(),
+            buffer_bytes: Family::default(),
+            buffer_corrupt_bytes: Family::default(),
+            upstream_connected: Family::default(),
+            upstream_connect_failures: Family::default(),
+            event_latency: Family::new_with_constructor(latency_histogram),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "fieldgate_connections",
+            "Open device connections",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "fieldgate_received_events",
+            "Events accepted from devices",
+            metrics.received_events.clone(),
+        );
+        registry.register(
+            "fieldgate_sent_events",
+            "Events acknowledged by the sink's upstream",
+            metrics.sent_events.clone(),
+        );
+        registry.register(
+            "fieldgate_dropped_events",
+            "Events that will never be delivered, by reason",
+            metrics.dropped_events.clone(),
+        );
+        registry.register(
+            "fieldgate_protocol_parse_failures",
+            "Frames rejected as malformed, oversize or out of protocol",
+            metrics.parse_failures.clone(),
+        );
+        registry.register(
+            "fieldgate_auth_failures",
+            "Device authentication failures",
+            metrics.auth_failures.clone(),
+        );
+        registry.register(
+            "fieldgate_buffer_events",
+            "Events held in the sink's buffer",
+            metrics.buffer_events.clone(),
+        );
+        registry.register(
+            "fieldgate_buffer_bytes",
+            "Bytes held by the sink's buffer",
+            metrics.buffer_bytes.clone(),
+        );
+        registry.register(
+            "fieldgate_buffer_corrupt_bytes",
+            "Corrupt buffer bytes moved aside",
+            metrics.buffer_corrupt_bytes.clone(),
+        );
+        registry.register(
+            "fieldgate_upstream_connected",
+            "1 while the sink is connected upstream",
+            metrics.upstream_connected.clone(),
+        );
+        registry.register(
+            "fieldgate_upstream_connect_failures",
+            "Failed upstream connection attempts",
+            metrics.upstream_connect_failures.clone(),
+        );
+        registry.register_with_unit(
+            "fieldgate_event_latency",
+            "Time from receipt at the gateway to the upstream's acknowledgement",
+            Unit::Seconds,
+            metrics.event_latency.clone(),
+        );
+        registry.register_collector(Box::new(ProcessCollector));
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail; an error here would be a bug in a metric's encoder.
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut text, &self.registry) {
+            tracing::error!(error = %err, "encoding metrics failed");
+        }
+        text
+    }
+
+    /// The label handle for one source.
+    pub fn source(name: &str) -> SourceLabel {
+        SourceLabel {
+            source: name.to_owned(),
+        }
+    }
+
+    /// The label handle for one sink.
+    pub fn sink(name: &str) -> SinkLabel {
+        SinkLabel {
+            sink: name.to_owned(),
+        }
+    }
+
+    /// Counts `count` events for `sink` that will never be delivered.
+    pub fn dropped(&self, sink: &str, reason: &str, count: u64) {
+        self.dropped_events
+            .get_or_create(&DropLabels {
+                sink: sink.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc_by(count);
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_names_are_exported() {
+        let metrics = Metrics::new();
+        metrics
+            .connections
+            .get_or_create(&Metrics::source("devices"))
+            .set(1);
+        metrics
+            .received_events
+            .get_or_create(&Metrics::source("devices"))
+            .inc();
+        metrics
+            .sent_events
+            .get_or_create(&Metrics::sink("cloud"))
+            .inc();
+        metrics.dropped("cloud", "buffer_full", 2);
+        metrics
+            .parse_failures
+            .get_or_create(&ParseLabels {
+                source: "devices".into(),
+                reason: "invalid_json".into(),
+            })
+            .inc();
+        metrics
+            .buffer_events
+            .get_or_create(&Metrics::sink("cloud"))
+            .set(3);
+        metrics
+            .buffer_bytes
+            .get_or_create(&Metrics::sink("cloud"))
+            .set(4);
+        metrics
+            .upstream_connected
+            .get_or_create(&Metrics::sink("cloud"))
+            .set(1);
+        metrics
+            .event_latency
+            .get_or_create(&Metrics::sink("cloud"))
+            .observe(0.002);
+        let text = metrics.encode();
+        for name in [
+            "fieldgate_connections{source=\"devices\"} 1",
+            "fieldgate_received_events_total{source=\"devices\"} 1",
+            "fieldgate_sent_events_total{sink=\"cloud\"} 1",
+            "fieldgate_dropped_events_total{sink=\"cloud\",reason=\"buffer_full\"} 2",
+            "fieldgate_protocol_parse_failures_total{source=\"devices\",reason=\"invalid_json\"} 1",
+            "fieldgate_buffer_events{sink=\"cloud\"} 3",
+            "fieldgate_buffer_bytes{sink=\"cloud\"} 4",
+            "fieldgate_upstream_connected{sink=\"cloud\"} 1",
+            "fieldgate_event_latency_seconds_count{sink=\"cloud\"} 1",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_cpu_seconds_total ",
+        ] {
+            assert!(text.contains(name), "missing {name} in:\n{text}");
+        }
+    }
+}
