@@ -1,1 +1,303 @@
+//! Config loading: the contract snippet, defaults, and every error naming file, line and key.
 
+use super::*;
+use crate::config::units::ByteSize;
+
+const CONTRACT: &str = r#"[gateway]
+id = "gw-1"
+data_dir = "./data"
+
+[api]
+address = "127.0.0.1:8080"
+
+[sources.devices]
+type = "tcp"
+address = "127.0.0.1:7000"
+framing = "lines"            # or "length_prefixed"
+
+[sinks.cloud]
+type = "mqtt"
+inputs = ["devices"]
+url = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS
+client_id = "gw-1"
+topic = "gateways/{gateway}/devices/{device}/{kind}"
+qos = 1
+
+[sinks.cloud.buffer]
+type = "disk"
+max_size = "1GiB"
+when_full = "block"          # or "drop_newest", "drop_oldest"
+"#;
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse_ok(text: &str) -> Config {
+    parse("test.toml", text, no_env).unwrap_or_else(|err| panic!("{err}"))
+}
+
+fn parse_err(text: &str) -> ConfigError {
+    match parse("test.toml", text, no_env) {
+        Ok(_) => panic!("config should have been rejected:\n{text}"),
+        Err(err) => err,
+    }
+}
+
+/// The contract snippet with one line replaced.
+fn contract_with(from: &str, to: &str) -> String {
+    assert!(CONTRACT.contains(from), "{from} not in contract");
+    CONTRACT.replacen(from, to, 1)
+}
+
+#[test]
+fn contract_snippet_loads() {
+    let config = parse_ok(CONTRACT);
+    assert_eq!(config.gateway.id, "gw-1");
+    let SourceConfig::Tcp(tcp) = &config.sources["devices"];
+    assert_eq!(tcp.address.get_ref().port(), 7000);
+    assert_eq!(tcp.max_frame, ByteSize(64 * 1024));
+    assert_eq!(tcp.heartbeat_interval.0, std::time::Duration::from_secs(30));
+    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+        panic!("mqtt expected")
+    };
+    assert_eq!(mqtt.qos, Qos(1));
+    assert_eq!(mqtt.buffer.max_size, ByteSize(1 << 30));
+    assert_eq!(mqtt.buffer.when_full, WhenFull::Block);
+    assert_eq!(mqtt.buffer.fsync, FsyncPolicy::Interval);
+    assert_eq!(mqtt.keep_alive.0, std::time::Duration::from_secs(30));
+    assert!(!mqtt.clean_session);
+}
+
+#[test]
+fn embedded_default_loads() {
+    let config = parse_ok(DEFAULT_CONFIG);
+    assert_eq!(config.sinks.len(), 2);
+    assert!(matches!(config.sinks["local"], SinkConfig::File(_)));
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let err = parse_err(&contract_with(
+        "framing = \"lines\"",
+        "framing = \"lines\"\nadress = \"x\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.adress"), "{err}");
+    assert_eq!(err.line, Some(12), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("test.toml:12: key `sources.devices.adress`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_key_in_nested_table() {
+    let err = parse_err(&contract_with(
+        "when_full = \"block\"",
+        "when_full = \"block\"\nmax_sise = \"1GiB\"",
+    ));
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.max_sise"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let err = parse_err(&format!("{CONTRACT}\n[gatway]\nid = \"x\"\n"));
+    assert!(err.to_string().contains("gatway"), "{err}");
+}
+
+#[test]
+fn wrong_type_names_key() {
+    let err = parse_err(&contract_with("qos = 1", "qos = \"high\""));
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.qos"), "{err}");
+    assert_eq!(err.line, Some(19), "{err}");
+    let err = parse_err(&contract_with("max_size = \"1GiB\"", "max_size = 1024"));
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.max_size"),
+        "{err}"
+    );
+    assert!(err.message.contains("unit"), "{err}");
+}
+
+#[test]
+fn out_of_range_values() {
+    assert!(
+        parse_err(&contract_with("qos = 1", "qos = 3"))
+            .message
+            .contains("QoS")
+    );
+    let err = parse_err(&contract_with(
+        "when_full = \"block\"",
+        "when_full = \"wait\"",
+    ));
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.when_full"),
+        "{err}"
+    );
+    let err = parse_err(&contract_with(
+        "address = \"127.0.0.1:7000\"",
+        "address = \"localhost:99999\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.address"), "{err}");
+}
+
+#[test]
+fn input_naming_no_source() {
+    let err = parse_err(&contract_with(
+        "inputs = [\"devices\"]",
+        "inputs = [\"devcies\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
+    assert_eq!(err.line, Some(15));
+    assert!(err.message.contains("devcies"), "{err}");
+}
+
+#[test]
+fn two_listeners_on_one_port() {
+    let err = parse_err(&contract_with(
+        "address = \"127.0.0.1:7000\"",
+        "address = \"0.0.0.0:8080\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.address"), "{err}");
+    assert!(err.message.contains("api.address"), "{err}");
+    // Same port on two different concrete IPs is allowed.
+    parse_ok(&contract_with(
+        "address = \"127.0.0.1:7000\"",
+        "address = \"127.0.0.2:8080\"",
+    ));
+}
+
+#[test]
+fn unknown_component_types() {
+    let err = parse_err(&contract_with("type = \"tcp\"", "type = \"udp\""));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.type"), "{err}");
+    let err = parse_err(&contract_with("type = \"mqtt\"", "type = \"kafka\""));
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.type"), "{err}");
+    let err = parse_err(&contract_with("type = \"tcp\"\n", ""));
+    assert!(err.message.contains("type"), "{err}");
+}
+
+#[test]
+fn mqtt_checks() {
+    for (from, to, key) in [
+        (
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"http://x\"",
+            "sinks.cloud.url",
+        ),
+        (
+            "url = \"mqtt://127.0.0.1:1883\"",
+            "url = \"mqtt://h:0\"",
+            "sinks.cloud.url",
+        ),
+        (
+            "topic = \"gateways/{gateway}/devices/{device}/{kind}\"",
+            "topic = \"a/{nope}\"",
+            "sinks.cloud.topic",
+        ),
+        (
+            "topic = \"gateways/{gateway}/devices/{device}/{kind}\"",
+            "topic = \"a/#\"",
+            "sinks.cloud.topic",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\nqos_by_kind = { alrm = 2 }",
+            "sinks.cloud.qos_by_kind",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\ncommand_topic = \"a/b\"",
+            "sinks.cloud.command_topic",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\nbatch_max_events = 0",
+            "sinks.cloud.batch_max_events",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\nreconnect_min = \"2m\"",
+            "sinks.cloud.reconnect_min",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\npassword = \"x\"",
+            "sinks.cloud.password",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\nprotocol = \"4\"",
+            "sinks.cloud.protocol",
+        ),
+    ] {
+        let err = parse_err(&contract_with(from, to));
+        assert_eq!(err.key.as_deref(), Some(key), "{to}: {err}");
+    }
+    let config = parse_ok(&contract_with(
+        "qos = 1",
+        "qos = 1\nqos_by_kind = { alarm = 2 }\nprotocol = \"5\"",
+    ));
+    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+        panic!()
+    };
+    assert_eq!(mqtt.qos_for(fieldgate_core::EventKind::Alarm), Qos(2));
+    assert_eq!(mqtt.qos_for(fieldgate_core::EventKind::Telemetry), Qos(1));
+    assert_eq!(mqtt.protocol, MqttProtocol::V5);
+}
+
+#[test]
+fn token_auth_needs_tokens() {
+    let err = parse_err(&contract_with("framing = \"lines\"", "auth = \"token\""));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.tokens"), "{err}");
+}
+
+#[test]
+fn environment_interpolation() {
+    let text = contract_with("client_id = \"gw-1\"", "client_id = \"${CLIENT}\"");
+    let config = parse("test.toml", &text, |name| {
+        (name == "CLIENT").then(|| "from-env".to_owned())
+    })
+    .unwrap();
+    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+        panic!()
+    };
+    assert_eq!(mqtt.client_id.as_deref(), Some("from-env"));
+    let err = parse_err(&text);
+    assert_eq!(err.line, Some(17));
+    assert!(err.message.contains("CLIENT"), "{err}");
+}
+
+#[test]
+fn hostile_input_is_an_error_not_a_panic() {
+    for text in [
+        "",
+        "\0\0\0",
+        "[[[",
+        "gateway = 5",
+        "sources = 5\n[gateway]\nid=\"a\"",
+        "[gateway]\nid = \"a/b\"\n[sinks.x]\ntype=\"console\"\ninputs=[]",
+        &"[a]\n".repeat(10_000),
+        &format!("[gateway]\nid = \"{}\"", "x".repeat(1 << 20)),
+    ] {
+        let _ = parse("test.toml", text, no_env)
+            .err()
+            .expect("must be rejected");
+    }
+}
+
+#[test]
+fn missing_file_names_it() {
+    let err = load(std::path::Path::new("/nonexistent/fieldgate.toml")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/fieldgate.toml: cannot read"),
+        "{err}"
+    );
+}

@@ -87,7 +87,7 @@ mod tests {
             "duration = \"-1s\"",
             "size = 100",
             "size = \"lots\"",
-            "size = \"99999999999999999999999TiB\"",
+            "size = \"1.5.5GiB\"",
         ] {
             assert!(parse(bad).is_err(), "{bad} should fail");
         }
