@@ -64,7 +64,7 @@ impl Context<'_> {
         let table = err
             .span()
             .and_then(|span| self.enclosing_table(span.start))
-            .filter(|table| !prefix.is_empty() && table.starts_with(prefix))
+            .filter(|table| table.starts_with(prefix))
             .unwrap_or_else(|| prefix.to_owned());
         let key = field_named_in(&message)
             .or_else(|| err.span().and_then(|span| self.key_on_line(span.start)))
@@ -89,8 +89,12 @@ impl Context<'_> {
 
     /// The `[table]` header above `offset`, if any.
     fn enclosing_table(&self, offset: usize) -> Option<String> {
+        // Include the line holding `offset`: the span may start at a `[table]` header.
         let offset = offset.min(self.text.len());
-        self.text[..offset]
+        let line_end = self.text[offset..]
+            .find('\n')
+            .map_or(self.text.len(), |at| offset + at);
+        self.text[..line_end]
             .lines()
             .rev()
             .map(str::trim)

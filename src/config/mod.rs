@@ -116,6 +116,12 @@ struct TopLevel {
     #[serde(default)]
     log: LogConfig,
     api: Option<ApiConfig>,
+    // Taken out before this struct is read; named here so a typo such as `[sink.x]`
+    // lists them among the expected keys.
+    #[serde(rename = "sources", default)]
+    _sources: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "sinks", default)]
+    _sinks: Option<serde::de::IgnoredAny>,
 }
 
 /// Removes `[key]` (a table of named components) from the root table.
@@ -204,14 +210,14 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
             .error_at(0..0, "sinks", "at least one sink is required".into())
             .without_line());
     }
-    let mut listeners: BTreeMap<u16, (SocketAddr, String)> = BTreeMap::new();
+    let mut listeners: Vec<(SocketAddr, String)> = Vec::new();
     let mut claim = |address: &Spanned<SocketAddr>, key: String| {
         let addr = *address.get_ref();
-        if let Some((other, other_key)) = listeners.get(&addr.port()) {
+        for (other, other_key) in &listeners {
             let overlaps = other.ip() == addr.ip()
                 || other.ip().is_unspecified()
                 || addr.ip().is_unspecified();
-            if overlaps {
+            if other.port() == addr.port() && overlaps {
                 return Err(context.error_at(
                     address.span(),
                     &key,
@@ -221,16 +227,31 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
                 ));
             }
         }
-        listeners.insert(addr.port(), (addr, key));
+        listeners.push((addr, key));
         Ok(())
     };
     if let Some(api) = &config.api {
         claim(&api.address, "api.address".into())?;
     }
+    if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        return Err(context
+            .error_at(
+                0..0,
+                "log.level",
+                format!("invalid log filter {:?}: {err}", config.log.level),
+            )
+            .without_line());
+    }
+    if config.gateway.shutdown_grace.0.is_zero() {
+        return Err(context
+            .error_at(0..0, "gateway.shutdown_grace", "must be above 0".into())
+            .without_line());
+    }
     for (name, source) in &config.sources {
         match source {
             SourceConfig::Tcp(tcp) => {
                 claim(&tcp.address, format!("sources.{name}.address"))?;
+                tcp.check(context, name)?;
                 if tcp.auth == AuthMode::Token && tcp.tokens.is_empty() {
                     return Err(context
                         .error_at(
@@ -261,8 +282,24 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
                 ));
             }
         }
+        sink.buffer().check(context, name)?;
         if let SinkConfig::Mqtt(mqtt) = sink {
             mqtt.check(context, name)?;
+        }
+    }
+    for name in config.sources.keys() {
+        let read = config
+            .sinks
+            .values()
+            .any(|sink| sink.inputs().get_ref().contains(name));
+        if !read {
+            return Err(context
+                .error_at(
+                    0..0,
+                    &format!("sources.{name}"),
+                    "no sink lists this source in `inputs`; its events would be lost".into(),
+                )
+                .without_line());
         }
     }
     Ok(())

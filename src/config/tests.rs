@@ -233,8 +233,24 @@ fn mqtt_checks() {
         ),
         (
             "qos = 1",
-            "qos = 1\nprotocol = \"4\"",
+            "qos = 1\nprotocol = \"6\"",
             "sinks.cloud.protocol",
+        ),
+        ("qos = 1", "qos = 1\nprotocol = 4", "sinks.cloud.protocol"),
+        (
+            "qos = 1",
+            "qos = 1\nstatus_topic = \"s/{source}\"",
+            "sinks.cloud.status_topic",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\nbatch_topic = \"b/{device}\"",
+            "sinks.cloud.batch_topic",
+        ),
+        (
+            "qos = 1",
+            "qos = 1\ncommand_topic = \"c/{source}/+\"",
+            "sinks.cloud.command_topic",
         ),
     ] {
         let err = parse_err(&contract_with(from, to));
@@ -300,4 +316,85 @@ fn missing_file_names_it() {
             .starts_with("/nonexistent/fieldgate.toml: cannot read"),
         "{err}"
     );
+}
+
+#[test]
+fn keys_name_their_table() {
+    let err = parse_err(&contract_with(
+        "data_dir = \"./data\"",
+        "datadir = \"./data\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("gateway.datadir"), "{err}");
+    let err = parse_err(&contract_with("id = \"gw-1\"", "id = 5"));
+    assert_eq!(err.key.as_deref(), Some("gateway.id"), "{err}");
+    let err = parse_err(&contract_with(
+        "framing = \"lines\"",
+        "framing = \"lines\"\n[sources.devices.tls]\ncert = \"a.pem\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.tls.key"), "{err}");
+    let err = parse_err(&contract_with("qos = 1", "qos = 1\nqos = 2"));
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.qos"), "{err}");
+    let err = parse_err(&contract_with("[sinks.cloud]", "[sink.cloud]"));
+    assert!(err.message.contains("sinks"), "{err}");
+}
+
+#[test]
+fn run_time_failures_are_caught_by_check() {
+    for (from, to, key) in [
+        (
+            "when_full = \"block\"",
+            "fsync_interval = \"0s\"",
+            "sinks.cloud.buffer.fsync_interval",
+        ),
+        (
+            "when_full = \"block\"",
+            "max_size = \"1024\"",
+            "sinks.cloud.buffer.max_size",
+        ),
+        (
+            "when_full = \"block\"",
+            "max_size = \"0B\"",
+            "sinks.cloud.buffer.max_size",
+        ),
+        (
+            "framing = \"lines\"",
+            "heartbeat_interval = \"0s\"",
+            "sources.devices.heartbeat_interval",
+        ),
+        (
+            "framing = \"lines\"",
+            "frame_timeout = \"0s\"",
+            "sources.devices.frame_timeout",
+        ),
+        (
+            "framing = \"lines\"",
+            "max_frame = \"1B\"",
+            "sources.devices.max_frame",
+        ),
+        ("[api]", "[log]\nlevel = \"info,[bad\"\n[api]", "log.level"),
+    ] {
+        let err = parse_err(&contract_with(from, to));
+        assert_eq!(err.key.as_deref(), Some(key), "{to}: {err}");
+    }
+}
+
+#[test]
+fn three_listeners_share_no_port() {
+    let text = format!(
+        "{}\n[sources.a]\ntype = \"tcp\"\naddress = \"127.0.0.2:8080\"\n[sources.b]\ntype = \"tcp\"\naddress = \"127.0.0.1:8080\"\n",
+        CONTRACT.replace(
+            "inputs = [\"devices\"]",
+            "inputs = [\"devices\", \"a\", \"b\"]"
+        )
+    );
+    let err = parse_err(&text);
+    assert_eq!(err.key.as_deref(), Some("sources.b.address"), "{err}");
+}
+
+#[test]
+fn a_source_no_sink_reads_is_an_error() {
+    let text =
+        format!("{CONTRACT}\n[sources.spare]\ntype = \"tcp\"\naddress = \"127.0.0.1:7001\"\n");
+    let err = parse_err(&text);
+    assert_eq!(err.key.as_deref(), Some("sources.spare"), "{err}");
 }

@@ -144,6 +144,38 @@ pub struct TcpSourceConfig {
     pub tls: Option<ListenerTlsConfig>,
 }
 
+impl TcpSourceConfig {
+    pub(super) fn check(&self, context: &Context<'_>, name: &str) -> Result<(), ConfigError> {
+        let whole = |field: &str, message: &str| {
+            context
+                .error_at(0..0, &format!("sources.{name}.{field}"), message.into())
+                .without_line()
+        };
+        if !(16..=16 * 1024 * 1024).contains(&self.max_frame.0) {
+            return Err(whole("max_frame", "must be between 16B and 16MiB"));
+        }
+        if self.heartbeat_interval.0.is_zero() || self.heartbeat_misses == 0 {
+            return Err(whole(
+                "heartbeat_interval",
+                "heartbeat_interval and heartbeat_misses must be above 0",
+            ));
+        }
+        if self.frame_timeout.0.is_zero() {
+            return Err(whole("frame_timeout", "must be above 0"));
+        }
+        if self.max_connections == 0 {
+            return Err(whole("max_connections", "must be at least 1"));
+        }
+        if self.max_errors == 0 {
+            return Err(whole("max_errors", "must be at least 1"));
+        }
+        if self.tokens.iter().any(String::is_empty) {
+            return Err(whole("tokens", "tokens cannot be empty"));
+        }
+        Ok(())
+    }
+}
+
 fn default_max_frame() -> ByteSize {
     ByteSize(64 * 1024)
 }
@@ -414,26 +446,30 @@ impl MqttSinkConfig {
                 return Err(whole(field, "a publish topic cannot contain + or #".into()));
             }
         }
-        if self.status_topic.is_per_event()
-            || self
-                .batch_topic
-                .as_ref()
-                .is_some_and(TopicTemplate::is_per_event)
-        {
+        if !self.status_topic.uses_only_gateway() {
             return Err(whole(
                 "status_topic",
-                "status_topic and batch_topic may only use {gateway} and {source}".into(),
+                "may only use the {gateway} placeholder".into(),
+            ));
+        }
+        if self
+            .batch_topic
+            .as_ref()
+            .is_some_and(TopicTemplate::is_per_event)
+        {
+            return Err(whole(
+                "batch_topic",
+                "may only use the {gateway} and {source} placeholders".into(),
             ));
         }
         let command = self.command_topic.render_gateway("gw");
         if command.matches('+').count() != 1
             || command.contains('#')
-            || self.command_topic.is_per_event()
+            || !self.command_topic.uses_only_gateway()
         {
             return Err(whole(
                 "command_topic",
-                "needs exactly one `+` level (the device id), no `#`, and no {device} or {kind}"
-                    .into(),
+                "needs exactly one `+` level (the device id), no `#`, and no placeholder but {gateway}".into(),
             ));
         }
         if let Some(tls) = &self.tls {
@@ -446,15 +482,43 @@ impl MqttSinkConfig {
 }
 
 /// MQTT protocol version.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum MqttProtocol {
     /// MQTT 3.1.1.
     #[default]
-    #[serde(rename = "3.1.1")]
     V311,
     /// MQTT 5.0.
-    #[serde(rename = "5", alias = "5.0")]
     V5,
+}
+
+impl<'de> Deserialize<'de> for MqttProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = MqttProtocol;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("\"3.1.1\" or \"5\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<MqttProtocol, E> {
+                match text {
+                    "3.1.1" | "4" => Ok(MqttProtocol::V311),
+                    "5" | "5.0" => Ok(MqttProtocol::V5),
+                    other => Err(E::custom(format!(
+                        "unknown MQTT protocol {other:?}; use \"3.1.1\" or \"5\""
+                    ))),
+                }
+            }
+            fn visit_i64<E: serde::de::Error>(self, number: i64) -> Result<MqttProtocol, E> {
+                match number {
+                    5 => Ok(MqttProtocol::V5),
+                    other => Err(E::custom(format!(
+                        "unknown MQTT protocol {other}; use \"3.1.1\" or \"5\""
+                    ))),
+                }
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// An MQTT QoS level, 0..=2.
@@ -558,6 +622,30 @@ impl Default for BufferConfig {
             fsync: FsyncPolicy::Interval,
             fsync_interval: default_fsync_interval(),
         }
+    }
+}
+
+/// The smallest buffer that can hold a largest frame with room to spare.
+const MIN_BUFFER_SIZE: u64 = 1024 * 1024;
+
+impl BufferConfig {
+    pub(super) fn check(&self, context: &Context<'_>, sink: &str) -> Result<(), ConfigError> {
+        let whole = |field: &str, message: &str| {
+            context
+                .error_at(
+                    0..0,
+                    &format!("sinks.{sink}.buffer.{field}"),
+                    message.into(),
+                )
+                .without_line()
+        };
+        if self.max_size.0 < MIN_BUFFER_SIZE {
+            return Err(whole("max_size", "must be at least 1MiB"));
+        }
+        if self.fsync_interval.0 < Duration::from_millis(1) {
+            return Err(whole("fsync_interval", "must be at least 1ms"));
+        }
+        Ok(())
     }
 }
 

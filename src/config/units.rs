@@ -41,6 +41,11 @@ impl<'de> Deserialize<'de> for ByteSize {
                 f.write_str("a size with its unit, such as \"64KiB\" or \"1GiB\"")
             }
             fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
+                if !text.chars().any(|c| c.is_ascii_alphabetic()) {
+                    return Err(E::custom(format!(
+                        "size {text:?} has no unit; write e.g. \"{text}B\" or \"64KiB\""
+                    )));
+                }
                 text.parse::<bytesize::ByteSize>()
                     .map(|size| ByteSize(size.as_u64()))
                     .map_err(|err| E::custom(format!("invalid size {text:?}: {err}")))
@@ -87,6 +92,7 @@ mod tests {
             "duration = \"-1s\"",
             "size = 100",
             "size = \"lots\"",
+            "size = \"1024\"",
             "size = \"1.5.5GiB\"",
         ] {
             assert!(parse(bad).is_err(), "{bad} should fail");

@@ -99,6 +99,16 @@ impl TopicTemplate {
         })
     }
 
+    /// Whether `{gateway}` is the only placeholder used (status and command topics).
+    pub fn uses_only_gateway(&self) -> bool {
+        self.parts.iter().all(|part| {
+            matches!(
+                part,
+                Part::Literal(_) | Part::Placeholder(Placeholder::Gateway)
+            )
+        })
+    }
+
     /// Renders the topic for one event.
     pub fn render(&self, gateway: &str, event: &Event) -> String {
         self.render_with(
