@@ -204,6 +204,8 @@ impl DiskQueue {
         }
         if needs_roll {
             self.roll_over()?;
+            // The sealed segment may hold nothing but acked records.
+            self.delete_acked_segments()?;
         }
         let frame_len = usize::try_from(frame).unwrap_or(usize::MAX);
         if !self.active.pending.is_empty()
@@ -321,8 +323,11 @@ impl DiskQueue {
                     let id = cursor.next_id;
                     cursor.next_id += 1;
                     self.cursor = Some(cursor);
-                    if id >= self.read_id && !self.acks.is_acked(id) {
-                        self.read_id = id + 1;
+                    if id < self.read_id {
+                        continue; // catching up after a rewind or reopen
+                    }
+                    self.read_id = id + 1;
+                    if !self.acks.is_acked(id) {
                         return Ok(Some((id, Bytes::from(payload))));
                     }
                 }
