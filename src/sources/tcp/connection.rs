@@ -30,6 +30,8 @@ use crate::telemetry::metrics::ParseLabels;
 const MAX_PENDING_ACKS: usize = 4096;
 /// Devices one connection may speak for without a hello (a concentrator).
 const MAX_DEVICES_PER_CONNECTION: usize = 256;
+/// How long a status event may wait for room in the pipeline.
+const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A device that does not read its replies for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -80,6 +82,7 @@ struct Connection {
     rate_window_start: Instant,
     rate_window_frames: u32,
     out: BytesMut,
+    shutdown: CancellationToken,
 }
 
 /// Serves one connection until it closes or `shutdown` fires.
@@ -107,14 +110,16 @@ pub async fn serve(
         rate_window_start: Instant::now(),
         rate_window_frames: 0,
         out: BytesMut::new(),
+        shutdown,
     };
-    let reason = connection.run(&shutdown).await;
+    let reason = connection.run().await;
     connection.close(reason).await;
     shared.connections.dec();
 }
 
 impl Connection {
-    async fn run(&mut self, shutdown: &CancellationToken) -> CloseReason {
+    async fn run(&mut self) -> CloseReason {
+        let shutdown = self.shutdown.clone();
         let settings_idle = self.shared.settings.idle_timeout;
         let mut last_activity = Instant::now();
         let mut frame_started: Option<Instant> = None;
@@ -393,8 +398,13 @@ impl Connection {
             PayloadFormat::Json,
             payload,
         );
-        // Status is not acked to anyone; the waiter is not requested.
-        let _no_waiter = self.shared.output.send(event, false).await;
+        // Status is not acked to anyone. A buffer full under `block` must not keep a
+        // closing connection (or shutdown) waiting forever: give up after a while.
+        let sent =
+            tokio::time::timeout(STATUS_SEND_TIMEOUT, self.shared.output.send(event, false)).await;
+        if sent.is_err() {
+            tracing::warn!("status event not buffered: the pipeline is full");
+        }
     }
 
     async fn auth_failed(&mut self, message: &str) {
