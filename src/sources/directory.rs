@@ -37,7 +37,7 @@ pub enum CommandError {
 
 struct Entry {
     connection: u64,
-    commands: mpsc::Sender<DeviceCommand>,
+    commands: mpsc::Sender<Box<DeviceCommand>>,
 }
 
 /// The connected devices of every source.
@@ -58,7 +58,7 @@ impl DeviceDirectory {
         &self,
         device: DeviceId,
         connection: u64,
-        commands: mpsc::Sender<DeviceCommand>,
+        commands: mpsc::Sender<Box<DeviceCommand>>,
     ) {
         self.lock().insert(
             device,
@@ -84,10 +84,13 @@ impl DeviceDirectory {
     pub fn send(&self, device: &DeviceId, command: DeviceCommand) -> Result<(), CommandError> {
         let devices = self.lock();
         let entry = devices.get(device).ok_or(CommandError::Offline)?;
-        entry.commands.try_send(command).map_err(|err| match err {
-            mpsc::error::TrySendError::Full(_) => CommandError::Busy,
-            mpsc::error::TrySendError::Closed(_) => CommandError::Offline,
-        })
+        entry
+            .commands
+            .try_send(Box::new(command))
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
+                mpsc::error::TrySendError::Closed(_) => CommandError::Offline,
+            })
     }
 }
 

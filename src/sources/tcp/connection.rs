@@ -74,8 +74,8 @@ struct Connection {
     hello_device: Option<DeviceId>,
     /// Every device registered for commands by this connection.
     devices: HashSet<DeviceId>,
-    commands_tx: Option<mpsc::Sender<DeviceCommand>>,
-    commands_rx: Option<mpsc::Receiver<DeviceCommand>>,
+    commands_tx: Option<mpsc::Sender<Box<DeviceCommand>>>,
+    commands_rx: Option<mpsc::Receiver<Box<DeviceCommand>>>,
     pending_acks: VecDeque<(u64, AckWaiter)>,
     data_frames: u64,
     errors: u32,
@@ -86,11 +86,14 @@ struct Connection {
 }
 
 /// Serves one connection until it closes or `shutdown` fires.
+///
+/// `permit` holds the connection's place under `max_connections` until it ends.
 pub async fn serve(
     shared: Arc<SourceShared>,
     stream: DeviceStream,
     id: u64,
     shutdown: CancellationToken,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     shared.connections.inc();
     let decoder = FrameDecoder::new(shared.settings.framing, shared.settings.max_frame);
@@ -115,6 +118,7 @@ pub async fn serve(
     let reason = connection.run().await;
     connection.close(reason).await;
     shared.connections.dec();
+    drop(permit);
 }
 
 impl Connection {
@@ -505,8 +509,8 @@ async fn front_ack(pending: &mut VecDeque<(u64, AckWaiter)>) -> AckOutcome {
 
 /// The next command for this connection; never resolves before a device registered.
 async fn next_command(
-    commands: &mut Option<mpsc::Receiver<DeviceCommand>>,
-) -> Option<DeviceCommand> {
+    commands: &mut Option<mpsc::Receiver<Box<DeviceCommand>>>,
+) -> Option<Box<DeviceCommand>> {
     match commands {
         Some(receiver) => receiver.recv().await,
         None => std::future::pending().await,

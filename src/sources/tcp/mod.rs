@@ -160,23 +160,35 @@ impl TcpSource {
                 tracing::debug!(source = %name, %peer, error = %err, "cannot set TCP_NODELAY");
             }
             let shared = Arc::clone(&self.shared);
-            let tls = self.tls.clone();
-            let shutdown = shutdown.child_token();
+            // A clone, not a child token: children cost an allocation per connection.
+            let shutdown = shutdown.clone();
             let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
             let span = tracing::info_span!("device", source = %name, %peer, conn = id, device = tracing::field::Empty);
-            connections.spawn(
-                async move {
-                    let _permit = permit;
-                    let stream = match tls {
-                        None => DeviceStream::Plain(socket),
-                        Some(acceptor) => {
-                            match tokio::time::timeout(
+            // Plain and TLS connections are spawned as different futures, so an idle plain
+            // connection does not carry the (large) TLS handshake state in its task.
+            match &self.tls {
+                None => {
+                    let stream = DeviceStream::Plain(socket);
+                    connections.spawn(
+                        connection::serve(shared, stream, id, shutdown, permit).instrument(span),
+                    );
+                }
+                Some(acceptor) => {
+                    let acceptor = acceptor.clone();
+                    connections.spawn(
+                        async move {
+                            let handshake = tokio::time::timeout(
                                 shared.settings.frame_timeout,
                                 acceptor.accept(socket),
-                            )
-                            .await
-                            {
-                                Ok(Ok(stream)) => DeviceStream::Tls(Box::new(stream)),
+                            );
+                            match handshake.await {
+                                Ok(Ok(stream)) => {
+                                    let stream = DeviceStream::Tls(Box::new(stream));
+                                    Box::pin(connection::serve(
+                                        shared, stream, id, shutdown, permit,
+                                    ))
+                                    .await;
+                                }
                                 Ok(Err(err)) => {
                                     tracing::info!(error = %err, "TLS handshake failed");
                                     shared
@@ -184,19 +196,14 @@ impl TcpSource {
                                         .auth_failures
                                         .get_or_create(&Metrics::source(&shared.settings.name))
                                         .inc();
-                                    return;
                                 }
-                                Err(_) => {
-                                    tracing::info!("TLS handshake timed out");
-                                    return;
-                                }
+                                Err(_) => tracing::info!("TLS handshake timed out"),
                             }
                         }
-                    };
-                    connection::serve(shared, stream, id, shutdown).await;
+                        .instrument(span),
+                    );
                 }
-                .instrument(span),
-            );
+            }
         }
         drop(self.listener);
         connections.close();
