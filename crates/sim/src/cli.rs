@@ -38,7 +38,7 @@ pub enum Command {
         long_about = "Open N TCP connections (optionally sending a hello or one message \
         each) and hold them for --hold, then report how many stayed connected.\n\n\
         Each connection is a file descriptor here and in the gateway: raise RLIMIT_NOFILE first \
-        (`ulimit -n 65536`). The tool stops with a clear error if it runs out (EMFILE)."
+        (`ulimit -n 65536`). If it runs out (EMFILE) the tool prints a clear error at once and the summary counts the connections that failed."
     )]
     Idle(IdleArgs),
     /// Connect and disconnect as fast as possible; reports connects per second.
@@ -89,7 +89,7 @@ pub struct DeviceArgs {
     /// Number of devices (one connection each).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub devices: u32,
-    /// Device ids are `{prefix}-{n}`, n = 1..=devices.
+    /// Device ids are PREFIX-1 ..= PREFIX-N (N = --devices).
     #[arg(long, default_value = "dev", value_parser = parse_prefix)]
     pub prefix: String,
     /// Messages per second per device; 0 = as fast as possible (bounded by --window in ack mode).
@@ -236,7 +236,7 @@ pub struct IdleArgs {
     /// Number of connections.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub devices: u32,
-    /// Device ids are `{prefix}-{n}`.
+    /// Device ids are PREFIX-1, PREFIX-2, ...
     #[arg(long, default_value = "dev", value_parser = parse_prefix)]
     pub prefix: String,
     /// Send one telemetry message per connection after connecting (and the hello, if any).
@@ -265,7 +265,7 @@ pub struct StormArgs {
     /// Connections in flight at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
-    /// Device ids are `{prefix}-{n}` (used in hellos).
+    /// Device ids are PREFIX-1, PREFIX-2, ... (used in hellos).
     #[arg(long, default_value = "dev", value_parser = parse_prefix)]
     pub prefix: String,
 }

@@ -152,6 +152,7 @@ async fn connection(idle: Arc<Idle>, slot: usize) {
         Some(Ok(Err(error))) => {
             Counters::add(&idle.counters.connect_failures, 1);
             if net::is_fd_exhaustion(&error) {
+                net::report_fd_exhaustion("connect", &error);
                 idle.errors.record("fd_exhausted", || {
                     format!(
                         "{id}: connect to {}: {error}; {}",

@@ -120,6 +120,8 @@ pub enum Notice {
     Subscribed,
     /// One outgoing QoS 1 or 2 message completed (PUBACK or PUBCOMP).
     Acked,
+    /// A PUBLISH went out on the wire (first transmission or retransmission).
+    PublishSent,
     /// An incoming message.
     Message(Bytes),
     /// Our DISCONNECT went out: the loop is done.
@@ -140,9 +142,9 @@ pub enum Client {
 /// The event loop of a [`Client`].
 pub enum EventLoop {
     /// MQTT 3.1.1.
-    V4(rumqttc::EventLoop),
+    V4(Box<rumqttc::EventLoop>),
     /// MQTT 5.
-    V5(rumqttc::v5::EventLoop),
+    V5(Box<rumqttc::v5::EventLoop>),
 }
 
 /// Creates a client and its event loop (not yet connected: polling connects).
@@ -172,7 +174,7 @@ pub fn new_client(
                 options.set_transport(transport);
             }
             let (client, eventloop) = rumqttc::AsyncClient::new(options, settings.request_capacity);
-            (Client::V4(client), EventLoop::V4(eventloop))
+            (Client::V4(client), EventLoop::V4(Box::new(eventloop)))
         }
         MqttProtocol::V5 => {
             let mut options =
@@ -191,7 +193,7 @@ pub fn new_client(
             }
             let (client, eventloop) =
                 rumqttc::v5::AsyncClient::new(options, settings.request_capacity);
-            (Client::V5(client), EventLoop::V5(eventloop))
+            (Client::V5(client), EventLoop::V5(Box::new(eventloop)))
         }
     }
 }
@@ -256,6 +258,7 @@ impl EventLoop {
                     Ok(Notice::Message(publish.payload))
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => Ok(Notice::Disconnected),
+                Ok(Event::Outgoing(Outgoing::Publish(_))) => Ok(Notice::PublishSent),
                 Ok(_) => Ok(Notice::Other),
                 Err(e) => Err(e.to_string()),
             },
@@ -267,6 +270,7 @@ impl EventLoop {
                     Ok(Notice::Message(publish.payload))
                 }
                 Ok(Event5::Outgoing(Outgoing::Disconnect)) => Ok(Notice::Disconnected),
+                Ok(Event5::Outgoing(Outgoing::Publish(_))) => Ok(Notice::PublishSent),
                 Ok(_) => Ok(Notice::Other),
                 Err(e) => Err(e.to_string()),
             },
@@ -306,6 +310,9 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
     let send_until = started + model.duration;
     let give_up_at = send_until + model.drain_timeout;
     let acked_here = AtomicU64::new(0);
+    // Handed to the client vs. seen going out: "sent" counts wire transmissions,
+    // anything beyond what was handed over is a retransmission.
+    let enqueued = AtomicU64::new(0);
     let ack_signal = Notify::new();
     let stop = run.cancel.child_token();
     let driver_done = CancellationToken::new();
@@ -314,6 +321,7 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
         let mut rng = fastrand::Rng::new();
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut connected = false;
+        let mut on_wire = 0u64;
         loop {
             let polled = tokio::select! {
                 () = stop.cancelled() => break,
@@ -331,6 +339,15 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
                     acked_here.fetch_add(1, Ordering::Relaxed);
                     Counters::add(&run.counters.acked, 1);
                     ack_signal.notify_one();
+                }
+                Ok(Notice::PublishSent) => {
+                    if on_wire < enqueued.load(Ordering::Relaxed) {
+                        on_wire += 1;
+                        Counters::add(&run.counters.sent, 1);
+                        run.counters.note_send(Instant::now() - run.start);
+                    } else {
+                        Counters::add(&run.counters.resent, 1);
+                    }
                 }
                 Ok(Notice::Disconnected) => break,
                 Ok(_) => {}
@@ -390,6 +407,8 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
                 },
                 &mut payload,
             );
+            // Counted before the hand-over so the event loop never sees more publishes than this.
+            enqueued.fetch_add(1, Ordering::Relaxed);
             tokio::select! {
                 () = stop.cancelled() => break 'send,
                 () = sleep_until(give_up_at) => break 'send,
@@ -400,8 +419,6 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
                     }
                 }
             }
-            Counters::add(&run.counters.sent, 1);
-            run.counters.note_send(now - run.start);
             pacer.advance(&mut rng);
         }
         // At-least-once: wait for the broker to acknowledge what we sent, within the drain budget.
@@ -451,7 +468,7 @@ mod tests {
         let url = BrokerUrl::parse("tcp://[::1]:1999").unwrap();
         assert_eq!((url.host.as_str(), url.port), ("::1", 1999));
         assert_eq!(url.host_port(), "[::1]:1999");
-        assert_eq!(BrokerUrl::parse("localhost").is_err(), true);
+        assert!(BrokerUrl::parse("localhost").is_err());
         assert!(BrokerUrl::parse("http://x").is_err());
         assert!(BrokerUrl::parse("mqtt://:1883").is_err());
         assert!(BrokerUrl::parse("mqtt://h:port").is_err());

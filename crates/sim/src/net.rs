@@ -169,6 +169,17 @@ pub fn is_fd_exhaustion(error: &io::Error) -> bool {
     matches!(error.raw_os_error(), Some(23 | 24))
 }
 
+/// Set once the EMFILE error has been printed, so 10,000 failing connects print it once.
+static FD_EXHAUSTION_REPORTED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Prints the out-of-file-descriptors error on stderr, once per process.
+pub fn report_fd_exhaustion(subject: &str, error: &io::Error) {
+    if !FD_EXHAUSTION_REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("error: {subject}: {error}: {FD_HINT}");
+    }
+}
+
 /// The hint printed with an EMFILE error.
 pub const FD_HINT: &str = "too many open files: raise the limit with `ulimit -n 65536` (in this shell, for \
      fieldgate-sim and the gateway/broker) and check fs.file-max";

@@ -180,6 +180,7 @@ where
     let sending_done = Instant::now();
 
     let mut drain_s = None;
+    let mut drain_timed_out = None;
     let tracker = match subscriber {
         Some(subscriber) => {
             let deadline = sending_done + model.drain_timeout;
@@ -191,6 +192,7 @@ where
                 tokio::time::sleep(DRAIN_POLL).await;
             }
             drain_s = Some(stats::secs(sending_done.elapsed()));
+            drain_timed_out = Some(Counters::get(&run.counters.received) < expected);
             Some(subscriber.finish().await?)
         }
         None => None,
@@ -225,10 +227,11 @@ where
         nacked: Counters::get(&counters.nacked),
         disconnects: Counters::get(&counters.disconnects),
         stale: tracker.as_ref().map(|t| t.stale),
-        ignored: tracker
-            .as_ref()
-            .map(|t| t.foreign + t.unexpected + t.unrecognized),
+        foreign: tracker.as_ref().map(|t| t.foreign),
+        unexpected: tracker.as_ref().map(|t| t.unexpected),
+        unrecognized: tracker.as_ref().map(|t| t.unrecognized),
         drain_s,
+        drain_timed_out,
         errors: run.errors.snapshot(),
     })
 }

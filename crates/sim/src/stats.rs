@@ -198,10 +198,17 @@ pub struct Summary {
     pub disconnects: u64,
     /// Upstream messages from before this run (ignored).
     pub stale: Option<u64>,
-    /// Upstream messages for other devices or seqs we never sent, and non-device payloads.
-    pub ignored: Option<u64>,
+    /// Upstream messages for device ids that are not ours.
+    pub foreign: Option<u64>,
+    /// Upstream messages with a seq the device never sent.
+    pub unexpected: Option<u64>,
+    /// Upstream objects without device/seq/t (status events, other traffic).
+    pub unrecognized: Option<u64>,
     /// Seconds spent waiting for stragglers after sending.
     pub drain_s: Option<f64>,
+    /// True when the drain timeout ended the wait: "lost" then includes messages
+    /// still queued upstream (e.g. in the gateway's buffer), not only dropped ones.
+    pub drain_timed_out: Option<bool>,
     /// First error of each kind.
     pub errors: BTreeMap<String, ErrorSummary>,
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Instant, timeout};
@@ -20,6 +21,7 @@ use crate::framing::MAX_REPLY;
 use crate::net::{self, BoxConn, Connector};
 use crate::stats::{self, ErrorLog, ErrorSummary};
 use crate::template::hello_json;
+use crate::tracker::LatencySummary;
 
 /// How long one connect (or welcome) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -41,6 +43,9 @@ pub struct StormSummary {
     pub duration_s: f64,
     /// connects / duration_s.
     pub connects_per_s: f64,
+    /// Time to establish each accepted connection (TCP + TLS + welcome), microseconds;
+    /// values near 1 s or 3 s are SYN retransmits after the listener's accept queue overflowed.
+    pub connect_us: Option<LatencySummary>,
     /// First error of each kind.
     pub errors: std::collections::BTreeMap<String, ErrorSummary>,
 }
@@ -74,19 +79,33 @@ pub async fn run(args: StormArgs, cancel: CancellationToken) -> anyhow::Result<S
     let start = Instant::now();
     let deadline = start + storm.args.duration;
     let tasks = TaskTracker::new();
+    let mut workers = Vec::new();
     for _ in 0..concurrency {
         let storm = Arc::clone(&storm);
         let cancel = cancel.clone();
-        tasks.spawn(async move {
+        workers.push(tasks.spawn(async move {
+            let mut connect_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             while Instant::now() < deadline && !cancel.is_cancelled() {
-                tokio::select! {
+                let began = Instant::now();
+                let accepted = tokio::select! {
                     () = cancel.cancelled() => break,
-                    () = storm.once() => {}
+                    accepted = storm.once() => accepted,
+                };
+                if accepted {
+                    let micros = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    connect_us.saturating_record(micros.max(1));
                 }
             }
-        });
+            Ok::<_, hdrhistogram::CreationError>(connect_us)
+        }));
     }
     tasks.close();
+    let mut connect_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for worker in workers {
+        connect_us
+            .add(worker.await??)
+            .map_err(|e| anyhow::anyhow!("merging connect histograms: {e}"))?;
+    }
     tasks.wait().await;
     let elapsed = start.elapsed().as_secs_f64().max(1e-3);
     let connects = storm.connects.load(Ordering::Relaxed);
@@ -97,13 +116,20 @@ pub async fn run(args: StormArgs, cancel: CancellationToken) -> anyhow::Result<S
         connect_failures: storm.failures.load(Ordering::Relaxed),
         duration_s: stats::round3(elapsed),
         connects_per_s: stats::round3(connects as f64 / elapsed),
+        connect_us: (!connect_us.is_empty()).then(|| LatencySummary {
+            p50: connect_us.value_at_quantile(0.5),
+            p90: connect_us.value_at_quantile(0.9),
+            p99: connect_us.value_at_quantile(0.99),
+            p999: connect_us.value_at_quantile(0.999),
+            max: connect_us.max(),
+        }),
         errors: storm.errors.snapshot(),
     })
 }
 
 impl Storm {
-    /// One connect (+ hello/welcome) + close.
-    async fn once(&self) {
+    /// One connect (+ hello/welcome) + close; true when it counted as accepted.
+    async fn once(&self) -> bool {
         let n = self.attempts.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{}", self.args.prefix, n % 1_000_000 + 1);
         let mut conn = match timeout(STEP_TIMEOUT, self.connector.connect()).await {
@@ -111,6 +137,7 @@ impl Storm {
             Ok(Err(error)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
                 if net::is_fd_exhaustion(&error) {
+                    net::report_fd_exhaustion("connect", &error);
                     self.errors.record("fd_exhausted", || {
                         format!("{id}: {error}; {}", net::FD_HINT)
                     });
@@ -120,7 +147,7 @@ impl Storm {
                         format!("{id}: connect to {}: {error}", self.connector.addr)
                     });
                 }
-                return;
+                return false;
             }
             Err(_elapsed) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -130,7 +157,7 @@ impl Storm {
                         self.connector.addr
                     )
                 });
-                return;
+                return false;
             }
         };
         if self.args.target.sends_hello() {
@@ -139,14 +166,14 @@ impl Storm {
                 Ok(Err(error)) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     self.errors.record("hello", || format!("{id}: {error}"));
-                    return;
+                    return false;
                 }
                 Err(_elapsed) => {
                     self.failures.fetch_add(1, Ordering::Relaxed);
                     self.errors.record("hello", || {
                         format!("{id}: no welcome within {STEP_TIMEOUT:?}")
                     });
-                    return;
+                    return false;
                 }
             }
         }
@@ -155,6 +182,7 @@ impl Storm {
             self.errors
                 .record("close", || format!("{id}: shutdown timed out"));
         }
+        true
     }
 
     /// Sends a hello and waits for the first reply frame, which must be a welcome.

@@ -124,6 +124,7 @@ impl Device {
                 Err(error) => {
                     Counters::add(&run.counters.connect_failures, 1);
                     if net::is_fd_exhaustion(&error) {
+                        net::report_fd_exhaustion("connect", &error);
                         run.errors.record("fd_exhausted", || {
                             format!(
                                 "{}: connect to {}: {error}; {}",
@@ -368,5 +369,140 @@ impl Device {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tokio::io::{AsyncBufReadExt as _, BufReader};
+    use tokio::net::TcpListener;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::template::{DEFAULT_TEMPLATE, PayloadTemplate};
+    use crate::tracker::DeviceIds;
+
+    fn model(messages: u64, window: usize) -> DeviceModel {
+        DeviceModel {
+            ids: DeviceIds::new("dev", 1),
+            rate: 0.0,
+            jitter: 0.0,
+            messages,
+            duration: Duration::from_secs(10),
+            window,
+            ramp: 0.0,
+            template: PayloadTemplate::parse(DEFAULT_TEMPLATE, 75).unwrap(),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// A fake gateway (lines, ack mode) that drops the first connection after
+    /// `drop_after` frames without acking them; returns every data seq it saw.
+    async fn fake_gateway(
+        listener: TcpListener,
+        drop_after: usize,
+    ) -> (BTreeMap<u64, u32>, Vec<String>) {
+        let mut seen = BTreeMap::new();
+        let mut hellos = Vec::new();
+        let mut connection = 0;
+        loop {
+            let Ok(Ok((stream, _))) = timeout(Duration::from_millis(500), listener.accept()).await
+            else {
+                return (seen, hellos);
+            };
+            connection += 1;
+            let (read, mut write) = stream.into_split();
+            let mut lines = BufReader::new(read).lines();
+            let mut frames = 0;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+                if value["type"] == "hello" {
+                    hellos.push(value["device"].as_str().unwrap().to_owned());
+                    write
+                        .write_all(b"{\"type\":\"welcome\",\"device\":\"dev-1\"}\n")
+                        .await
+                        .unwrap();
+                    continue;
+                }
+                let seq = value["seq"].as_u64().unwrap();
+                *seen.entry(seq).or_insert(0) += 1;
+                frames += 1;
+                if connection == 1 && frames == drop_after {
+                    break; // drop the connection with this frame (and any in flight) unacked
+                }
+                write
+                    .write_all(format!("{{\"type\":\"ack\",\"seq\":{seq}}}\n").as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn ack_mode_resends_unacked_messages_after_a_reconnect() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap().to_string();
+        let gateway = tokio::spawn(fake_gateway(listener, 5));
+        let plan = Arc::new(TcpPlan {
+            model: model(20, 4),
+            connector: Connector::new(&target, None, false).await.unwrap(),
+            framing: Framing::Lines,
+            hello: true,
+            token: None,
+            ack: true,
+        });
+        let run = Arc::new(RunShared::new(1, CancellationToken::new()));
+        device(Arc::clone(&plan), Arc::clone(&run), 0).await;
+        let (seen, hellos) = gateway.await.unwrap();
+
+        assert_eq!(Counters::get(&run.counters.sent), 20);
+        assert_eq!(Counters::get(&run.counters.acked), 20);
+        assert!(Counters::get(&run.counters.resent) >= 1);
+        assert_eq!(Counters::get(&run.counters.disconnects), 1);
+        assert_eq!(run.seqs.get(0), 20);
+        assert_eq!(
+            seen.keys().copied().collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        assert_eq!(seen[&5], 2, "the dropped frame was sent again");
+        assert_eq!(
+            hellos,
+            vec!["dev-1", "dev-1"],
+            "a hello on every connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn length_prefixed_frames_and_connect_failures_are_counted() {
+        // Bind then drop: nothing listens on this port, so connecting fails fast.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let mut model = model(3, 4);
+        model.duration = Duration::from_millis(300);
+        model.drain_timeout = Duration::from_millis(300);
+        let plan = Arc::new(TcpPlan {
+            model,
+            connector: Connector::new(&port.to_string(), None, false)
+                .await
+                .unwrap(),
+            framing: Framing::LengthPrefixed,
+            hello: false,
+            token: None,
+            ack: false,
+        });
+        let run = Arc::new(RunShared::new(1, CancellationToken::new()));
+        device(Arc::clone(&plan), Arc::clone(&run), 0).await;
+        assert!(Counters::get(&run.counters.connect_failures) >= 1);
+        assert_eq!(Counters::get(&run.counters.sent), 0);
+        assert!(
+            run.errors.snapshot()["connect"]
+                .first
+                .contains("dev-1: connect to 127.0.0.1:")
+        );
     }
 }
