@@ -68,6 +68,23 @@ pub struct SourceShared {
     next_connection: AtomicU64,
 }
 
+/// Pending connections the kernel may queue: a reconnect storm of thousands of devices
+/// must not overflow the accept queue (the kernel caps it at `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener with a deep accept queue and `SO_REUSEADDR` (restart while old
+/// connections linger in TIME_WAIT).
+fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// A TCP source, built from config and bound, ready to run.
 pub struct TcpSource {
     shared: Arc<SourceShared>,
@@ -93,8 +110,7 @@ impl TcpSource {
             .map(tls::acceptor)
             .transpose()
             .with_context(|| format!("source `{name}`: TLS set-up failed"))?;
-        let listener = TcpListener::bind(address)
-            .await
+        let listener = listen(address)
             .with_context(|| format!("source `{name}`: cannot listen on {address}"))?;
         let label = Metrics::source(name);
         let settings = SourceSettings {
