@@ -87,6 +87,21 @@ impl Context<'_> {
             + 1
     }
 
+    /// The full key path (`table.key`) of a `key = value` line, 1-based.
+    pub fn key_path_on_line(&self, line: usize) -> Option<String> {
+        let offset: usize = self
+            .text
+            .split_inclusive('\n')
+            .take(line.saturating_sub(1))
+            .map(str::len)
+            .sum();
+        let key = self.key_on_line(offset)?;
+        Some(match self.enclosing_table(offset) {
+            Some(table) => join_key(&table, &key),
+            None => key,
+        })
+    }
+
     /// The `[table]` header above `offset`, if any.
     fn enclosing_table(&self, offset: usize) -> Option<String> {
         // Include the line holding `offset`: the span may start at a `[table]` header.

@@ -42,11 +42,14 @@ pub fn parse(
     text: &str,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
-    let text = interpolate::interpolate(text, env).map_err(|err| ConfigError {
-        file: file.to_owned(),
-        line: Some(err.line),
-        key: None,
-        message: err.message,
+    let text = interpolate::interpolate(text, env).map_err(|err| {
+        let raw = error::Context { file, text };
+        ConfigError {
+            file: file.to_owned(),
+            line: Some(err.line),
+            key: raw.key_path_on_line(err.line),
+            message: err.message,
+        }
     })?;
     let context = error::Context { file, text: &text };
     let mut root = DeTable::parse(&text).map_err(|err| context.toml_error(&err, ""))?;

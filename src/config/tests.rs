@@ -287,6 +287,7 @@ fn environment_interpolation() {
     assert_eq!(mqtt.client_id.as_deref(), Some("from-env"));
     let err = parse_err(&text);
     assert_eq!(err.line, Some(17));
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.client_id"), "{err}");
     assert!(err.message.contains("CLIENT"), "{err}");
 }
 
