@@ -59,6 +59,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let mut buffers = BTreeMap::new();
     let mut intakes: BTreeMap<String, Intake> = BTreeMap::new();
     let writers = TaskTracker::new();
+    let writer_stop = CancellationToken::new();
     for (name, sink) in &config.sinks {
         let buffer_config = sink.buffer();
         let buffer = SinkBuffer::open(
@@ -79,6 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             receiver,
             policy,
             Arc::clone(&metrics),
+            writer_stop.clone(),
         ));
         buffers.insert(name.clone(), buffer);
         intakes.insert(name.clone(), sender);
@@ -172,6 +174,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         source_stop.cancel();
         source_tasks.close();
         source_tasks.wait().await;
+        writer_stop.cancel();
         writers.close();
         writers.wait().await;
         sink_stop.cancel();

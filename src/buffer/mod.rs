@@ -275,6 +275,18 @@ impl SinkBuffer {
         }
     }
 
+    /// Waits for one record, then takes up to `max` in all without waiting further.
+    pub async fn next_batch(&self, max: usize) -> Vec<Delivery> {
+        let mut batch = vec![self.next().await];
+        while batch.len() < max {
+            match self.try_next() {
+                Some(delivery) => batch.push(delivery),
+                None => break,
+            }
+        }
+        batch
+    }
+
     /// The upstream acknowledged these records: they may leave the buffer.
     pub fn ack(&self, records: impl IntoIterator<Item = (Priority, RecordId)>) {
         let mut lanes = self.lock();

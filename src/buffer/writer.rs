@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use fieldgate_core::Priority;
 use tokio::sync::mpsc::error::TryRecvError;
+use tokio_util::sync::CancellationToken;
 
 use super::{AppendError, SinkBuffer};
 use crate::config::{FsyncPolicy, WhenFull};
@@ -34,11 +35,15 @@ pub struct WriterPolicy {
 }
 
 /// Runs until every sender of the intake is gone (sources stopped), then syncs.
+///
+/// `stop` fires once the sources have stopped: a writer still waiting for room then
+/// gives up on what it holds (never acked to a device) instead of holding up shutdown.
 pub async fn run(
     buffer: Arc<SinkBuffer>,
     mut intake: IntakeReceiver,
     policy: WriterPolicy,
     metrics: Arc<Metrics>,
+    stop: CancellationToken,
 ) {
     let mut sync_timer = tokio::time::interval(policy.fsync_interval);
     sync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -71,7 +76,7 @@ pub async fn run(
             }
         }
         if !batch.is_empty() {
-            store(&buffer, &mut batch, policy, &metrics).await;
+            store(&buffer, &mut batch, policy, &metrics, &stop).await;
         }
     }
     if let Err(err) = buffer.commit(true) {
@@ -86,10 +91,11 @@ async fn store(
     batch: &mut Vec<Item>,
     policy: WriterPolicy,
     metrics: &Metrics,
+    stop: &CancellationToken,
 ) {
     // High lane first within the commit, as in the intake.
     batch.sort_by_key(|item| item.event.priority != Priority::High);
-    let mut records: Vec<(Priority, Vec<u8>)> = batch
+    let records: Vec<(Priority, Vec<u8>)> = batch
         .iter()
         .map(|item| {
             let mut record = Vec::with_capacity(item.event.encoded_len());
@@ -106,57 +112,48 @@ async fn store(
             stored_tokens.extend(item.ack);
         }
         offset += stored;
-        match error {
-            None => {}
+        let reason = match error {
+            None => continue,
             Some(AppendError::Full) => match policy.when_full {
-                WhenFull::Block => {
+                WhenFull::Block if !stop.is_cancelled() => {
                     // Let what is stored go out and be acked while we wait for room.
                     commit(buffer, policy, &mut stored_tokens);
-                    let _timed_out = tokio::time::timeout(FULL_RETRY, buffer.space_freed()).await;
-                }
-                WhenFull::DropNewest => {
-                    if let Some(item) = items.next() {
-                        metrics.dropped(buffer.sink(), "buffer_full", 1);
-                        if let Some(ack) = item.ack {
-                            ack.reject("buffer_full");
-                        }
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        _timed_out = tokio::time::timeout(FULL_RETRY, buffer.space_freed()) => {}
                     }
-                    offset += 1;
+                    continue;
                 }
+                // Shutting down with no room: what was never acked may go.
+                WhenFull::Block => "shutting_down",
+                WhenFull::DropNewest => "buffer_full",
                 WhenFull::DropOldest => match buffer.evict_oldest() {
-                    Ok(0) | Err(_) => {
-                        // Nothing evictable (the record alone exceeds max_size): drop it.
-                        if let Some(item) = items.next() {
-                            metrics.dropped(buffer.sink(), "buffer_full", 1);
-                            if let Some(ack) = item.ack {
-                                ack.reject("buffer_full");
-                            }
-                        }
-                        offset += 1;
-                    }
-                    Ok(evicted) => {
+                    Ok(evicted) if evicted > 0 => {
                         tracing::warn!(
                             sink = buffer.sink(),
                             evicted,
                             "buffer full: oldest events evicted"
                         );
                         metrics.dropped(buffer.sink(), "evicted", evicted);
+                        continue;
                     }
+                    // Nothing evictable (the record alone exceeds max_size): drop it.
+                    _ => "buffer_full",
                 },
             },
             Some(AppendError::Storage(err)) => {
                 tracing::error!(sink = buffer.sink(), error = %err, "buffer append failed; event not stored");
-                if let Some(item) = items.next() {
-                    metrics.dropped(buffer.sink(), "storage_error", 1);
-                    if let Some(ack) = item.ack {
-                        ack.reject("storage_error");
-                    }
-                }
-                offset += 1;
+                "storage_error"
+            }
+        };
+        if let Some(item) = items.next() {
+            metrics.dropped(buffer.sink(), reason, 1);
+            if let Some(ack) = item.ack {
+                ack.reject(reason);
             }
         }
+        offset += 1;
     }
-    records.clear();
     commit(buffer, policy, &mut stored_tokens);
 }
 

@@ -3,31 +3,8 @@
 use super::*;
 use crate::config::units::ByteSize;
 
-const CONTRACT: &str = r#"[gateway]
-id = "gw-1"
-data_dir = "./data"
-
-[api]
-address = "127.0.0.1:8080"
-
-[sources.devices]
-type = "tcp"
-address = "127.0.0.1:7000"
-framing = "lines"            # or "length_prefixed"
-
-[sinks.cloud]
-type = "mqtt"
-inputs = ["devices"]
-url = "mqtt://127.0.0.1:1883"   # mqtts:// for TLS
-client_id = "gw-1"
-topic = "gateways/{gateway}/devices/{device}/{kind}"
-qos = 1
-
-[sinks.cloud.buffer]
-type = "disk"
-max_size = "1GiB"
-when_full = "block"          # or "drop_newest", "drop_oldest"
-"#;
+/// The issue's reference config, kept verbatim (after a header comment) in the examples.
+const CONTRACT: &str = include_str!("../../examples/cloud-mqtt.toml");
 
 fn no_env(_: &str) -> Option<String> {
     None
@@ -83,10 +60,10 @@ fn unknown_key_names_line_and_key() {
         "framing = \"lines\"\nadress = \"x\"",
     ));
     assert_eq!(err.key.as_deref(), Some("sources.devices.adress"), "{err}");
-    assert_eq!(err.line, Some(12), "{err}");
+    assert_eq!(err.line, Some(16), "{err}");
     assert!(
         err.to_string()
-            .starts_with("test.toml:12: key `sources.devices.adress`"),
+            .starts_with("test.toml:16: key `sources.devices.adress`"),
         "{err}"
     );
 }
@@ -114,7 +91,7 @@ fn unknown_top_level_key() {
 fn wrong_type_names_key() {
     let err = parse_err(&contract_with("qos = 1", "qos = \"high\""));
     assert_eq!(err.key.as_deref(), Some("sinks.cloud.qos"), "{err}");
-    assert_eq!(err.line, Some(19), "{err}");
+    assert_eq!(err.line, Some(23), "{err}");
     let err = parse_err(&contract_with("max_size = \"1GiB\"", "max_size = 1024"));
     assert_eq!(
         err.key.as_deref(),
@@ -154,7 +131,7 @@ fn input_naming_no_source() {
         "inputs = [\"devcies\"]",
     ));
     assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
-    assert_eq!(err.line, Some(15));
+    assert_eq!(err.line, Some(19));
     assert!(err.message.contains("devcies"), "{err}");
 }
 
@@ -286,7 +263,7 @@ fn environment_interpolation() {
     };
     assert_eq!(mqtt.client_id.as_deref(), Some("from-env"));
     let err = parse_err(&text);
-    assert_eq!(err.line, Some(17));
+    assert_eq!(err.line, Some(21));
     assert_eq!(err.key.as_deref(), Some("sinks.cloud.client_id"), "{err}");
     assert!(err.message.contains("CLIENT"), "{err}");
 }

@@ -27,17 +27,10 @@ pub async fn run(
         .clone();
     let mut line = Vec::with_capacity(1024);
     loop {
-        let first = tokio::select! {
+        let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
-            delivery = buffer.next() => delivery,
+            batch = buffer.next_batch(BATCH) => batch,
         };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match buffer.try_next() {
-                Some(delivery) => batch.push(delivery),
-                None => break,
-            }
-        }
         line.clear();
         for delivery in &batch {
             write_event(format, &delivery.event, &mut line);

@@ -129,17 +129,10 @@ pub async fn run(
     tracing::info!(sink = buffer.sink(), directory = %directory.display(), "writing events to files");
     let mut lines = Vec::with_capacity(64 * 1024);
     loop {
-        let first = tokio::select! {
+        let batch = tokio::select! {
             _ = shutdown.cancelled() => return,
-            delivery = buffer.next() => delivery,
+            batch = buffer.next_batch(BATCH) => batch,
         };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match buffer.try_next() {
-                Some(delivery) => batch.push(delivery),
-                None => break,
-            }
-        }
         lines.clear();
         for delivery in &batch {
             write_event(format, &delivery.event, &mut lines);
