@@ -1,7 +1,8 @@
-//! Which devices are connected right now, and how to send them a command.
+//! Which devices are connected right now, and how to reach their connections.
 //!
 //! A connection registers each device it speaks for; the newest connection of a device
-//! wins. Sinks look devices up here to deliver commands from the cloud.
+//! wins. Sinks and the API look devices up here to deliver commands; revocation closes
+//! a device's connection through its close token.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -9,6 +10,7 @@ use std::sync::Mutex;
 use fieldgate_core::DeviceId;
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Commands queued per connection before `send` reports the device busy.
 pub const COMMAND_QUEUE: usize = 16;
@@ -38,6 +40,17 @@ pub enum CommandError {
 struct Entry {
     connection: u64,
     commands: mpsc::Sender<Box<DeviceCommand>>,
+    close: CancellationToken,
+}
+
+/// How to reach one connection.
+pub struct ConnectionHandle {
+    /// The connection's id, unique within the process.
+    pub connection: u64,
+    /// Commands for the connection's devices.
+    pub commands: mpsc::Sender<Box<DeviceCommand>>,
+    /// Cancelled to close the connection (credentials revoked).
+    pub close: CancellationToken,
 }
 
 /// The connected devices of every source.
@@ -53,20 +66,25 @@ impl DeviceDirectory {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// `connection` now speaks for `device`.
-    pub fn register(
-        &self,
-        device: DeviceId,
-        connection: u64,
-        commands: mpsc::Sender<Box<DeviceCommand>>,
-    ) {
-        self.lock().insert(
-            device,
-            Entry {
-                connection,
-                commands,
-            },
-        );
+    /// The connection of `handle` now speaks for `device`.
+    pub fn register(&self, device: DeviceId, handle: &ConnectionHandle) {
+        let entry = Entry {
+            connection: handle.connection,
+            commands: handle.commands.clone(),
+            close: handle.close.clone(),
+        };
+        self.lock().insert(device, entry);
+    }
+
+    /// Closes the connection speaking for `device`; false if it is not connected.
+    pub fn close(&self, device: &DeviceId) -> bool {
+        match self.lock().get(device) {
+            Some(entry) => {
+                entry.close.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     /// `connection` closed; forget `device` unless a newer connection took it over.
@@ -112,14 +130,27 @@ mod tests {
         let device = DeviceId::new("d1");
         let (old_tx, _old_rx) = mpsc::channel(1);
         let (new_tx, mut new_rx) = mpsc::channel(1);
-        directory.register(device.clone(), 1, old_tx);
-        directory.register(device.clone(), 2, new_tx);
+        let old = ConnectionHandle {
+            connection: 1,
+            commands: old_tx,
+            close: CancellationToken::new(),
+        };
+        let new = ConnectionHandle {
+            connection: 2,
+            commands: new_tx,
+            close: CancellationToken::new(),
+        };
+        directory.register(device.clone(), &old);
+        directory.register(device.clone(), &new);
         directory.unregister(&device, 1);
         directory.send(&device, command()).unwrap();
         assert!(new_rx.try_recv().is_ok());
         assert_eq!(directory.send(&device, command()), Ok(()));
         assert_eq!(directory.send(&device, command()), Err(CommandError::Busy));
+        assert!(directory.close(&device));
+        assert!(new.close.is_cancelled() && !old.close.is_cancelled());
         directory.unregister(&device, 2);
+        assert!(!directory.close(&device));
         assert_eq!(
             directory.send(&device, command()),
             Err(CommandError::Offline)

@@ -22,7 +22,7 @@ use super::SourceShared;
 use super::stream::DeviceStream;
 use crate::config::AuthMode;
 use crate::pipeline::{AckOutcome, AckWaiter};
-use crate::sources::directory::{COMMAND_QUEUE, DeviceCommand};
+use crate::sources::directory::{COMMAND_QUEUE, ConnectionHandle, DeviceCommand};
 use crate::sources::now_ms;
 use crate::telemetry::metrics::ParseLabels;
 
@@ -46,6 +46,7 @@ enum CloseReason {
     FatalFrame,
     WriteFailed,
     Shutdown,
+    Revoked,
 }
 
 impl CloseReason {
@@ -59,6 +60,7 @@ impl CloseReason {
             CloseReason::FatalFrame => "frame_too_large",
             CloseReason::WriteFailed => "write_failed",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Revoked => "revoked",
         }
     }
 }
@@ -74,7 +76,8 @@ struct Connection {
     hello_device: Option<DeviceId>,
     /// Every device registered for commands by this connection.
     devices: HashSet<DeviceId>,
-    commands_tx: Option<mpsc::Sender<Box<DeviceCommand>>>,
+    /// Set once a device registers: how the directory reaches this connection.
+    handle: Option<ConnectionHandle>,
     commands_rx: Option<mpsc::Receiver<Box<DeviceCommand>>>,
     pending_acks: VecDeque<(u64, AckWaiter)>,
     data_frames: u64,
@@ -82,7 +85,10 @@ struct Connection {
     rate_window_start: Instant,
     rate_window_frames: u32,
     out: BytesMut,
+    /// The source's shutdown; `close` below is its child once a device registered.
     shutdown: CancellationToken,
+    /// Cancelled on shutdown or when the directory closes this connection (revocation).
+    close: CancellationToken,
 }
 
 /// Serves one connection until it closes or `shutdown` fires.
@@ -105,7 +111,7 @@ pub async fn serve(
         buf: BytesMut::new(),
         hello_device: None,
         devices: HashSet::new(),
-        commands_tx: None,
+        handle: None,
         commands_rx: None,
         pending_acks: VecDeque::new(),
         data_frames: 0,
@@ -113,6 +119,7 @@ pub async fn serve(
         rate_window_start: Instant::now(),
         rate_window_frames: 0,
         out: BytesMut::new(),
+        close: shutdown.clone(),
         shutdown,
     };
     let reason = connection.run().await;
@@ -123,7 +130,6 @@ pub async fn serve(
 
 impl Connection {
     async fn run(&mut self) -> CloseReason {
-        let shutdown = self.shutdown.clone();
         let settings_idle = self.shared.settings.idle_timeout;
         let mut last_activity = Instant::now();
         let mut frame_started: Option<Instant> = None;
@@ -136,7 +142,7 @@ impl Connection {
             let can_read = self.pending_acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => return CloseReason::Shutdown,
+                _ = self.close.cancelled() => return self.close_reason(),
                 outcome = front_ack(&mut self.pending_acks) => {
                     if let Some(seq) = self.pending_acks.pop_front().map(|(seq, _)| seq) {
                         let reply = match outcome {
@@ -184,6 +190,15 @@ impl Connection {
                     return CloseReason::Idle;
                 }
             }
+        }
+    }
+
+    /// Why `close` fired: the whole source stopping, or this connection revoked.
+    fn close_reason(&self) -> CloseReason {
+        if self.shutdown.is_cancelled() {
+            CloseReason::Shutdown
+        } else {
+            CloseReason::Revoked
         }
     }
 
@@ -286,12 +301,14 @@ impl Connection {
         );
         event.device_time_ms = device_time_ms;
         self.shared.received.inc();
-        if let Some(waiter) = self
-            .shared
-            .output
-            .send(event, self.shared.settings.ack)
-            .await
-        {
+        // A full buffer under `block` holds us here; shutdown and revocation must still
+        // get through. An event cut off mid-send was not acked: the device sends it again.
+        let waiter = tokio::select! {
+            biased;
+            waiter = self.shared.output.send(event, self.shared.settings.ack) => waiter,
+            _ = self.close.cancelled() => return Some(self.close_reason()),
+        };
+        if let Some(waiter) = waiter {
             self.pending_acks.push_back((seq, waiter));
         }
         None
@@ -375,18 +392,23 @@ impl Connection {
 
     /// Makes the device reachable for commands and announces it online.
     async fn register(&mut self, device: DeviceId) {
-        let sender = match &self.commands_tx {
-            Some(sender) => sender.clone(),
-            None => {
-                let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-                self.commands_rx = Some(rx);
-                self.commands_tx = Some(tx.clone());
-                tx
+        let handle = self.handle.get_or_insert_with(|| {
+            let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
+            self.commands_rx = Some(receiver);
+            // A child token per registered connection (not per idle one): revocation
+            // closes this connection alone.
+            self.close = self.shutdown.child_token();
+            ConnectionHandle {
+                connection: self.id,
+                commands,
+                close: self.close.clone(),
             }
-        };
-        self.shared
-            .directory
-            .register(device.clone(), self.id, sender);
+        });
+        self.shared.directory.register(device.clone(), handle);
+        if self.devices.is_empty() {
+            // Name the connection's span after its (first) device: every later line says whose it is.
+            tracing::Span::current().record("device", device.as_str());
+        }
         self.devices.insert(device.clone());
         tracing::info!(device = %device, "device online");
         self.status_event(device, Bytes::from_static(br#"{"status":"online"}"#))
