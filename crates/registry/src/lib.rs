@@ -1,0 +1,66 @@
+//! fieldgate's device registry: who may connect, with which credentials, what state each
+//! device is in, and which commands wait for it. Synchronous and thread-safe; no HTTP.
+//! The contract is `notes/REGISTRY.md`; see [`Registry`].
+//!
+//! # Choices
+//! - **Storage: redb**, one file at `<data_dir>/registry.redb`: pure Rust (no C toolchain to
+//!   cross-compile for ARM), ACID with copy-on-write pages (a power cut leaves the last commit),
+//!   one writer and lock-free readers. Records are JSON (readable when debugging; 100,000
+//!   devices load in well under a second). The whole registry is loaded at [`Registry::open`]
+//!   so authentication never reads the disk.
+//! - **Secrets: 32 random bytes (base64url), stored as SHA-256, compared in constant time.**
+//!   They are machine-generated and high-entropy, so a slow password hash (argon2) would add
+//!   no security and cost milliseconds of CPU per connect: at 1,000 connects/s on a Pi that
+//!   is the whole CPU. Refresh tokens and provisioning-token secrets are handled the same way.
+//! - **Proof of possession: Ed25519** (`ed25519-dalek`, `verify_strict`) over a single-use
+//!   32-byte nonce from [`Registry::challenge`]; key-based devices get no shared secret.
+//! - **JWT: HS256 only**, in a small module (`hmac` + `sha2`), because `jsonwebtoken`'s crypto
+//!   backends pull RSA/ECDSA or a C library. Fixed header, any other `alg` rejected, MAC
+//!   checked in constant time before the claims are read, then `iss`, `typ`, `exp`, `iat`.
+//!   The signing key is 32 random bytes generated at first open and kept in the redb file,
+//!   so tokens survive restarts. Claims carry `ver`, the device's credential version:
+//!   rotation, re-registration and revocation bump it, which kills every older JWT at once.
+//! - **Randomness: `getrandom`** (already in the tree through `ring`).
+//! - **Time** comes from a [`Clock`] ([`SystemClock`], or [`ManualClock`] in tests); calls that
+//!   the daemon drives take `now_ms` explicitly.
+//!
+//! # Rules
+//! - Self-registered ids derive from the identifier: `mac-001122334455`, `imei-<15 digits>`
+//!   (the MAC wins when both are given). A provisioning token must exist, not be revoked or
+//!   expired, and have uses left; each successful registration uses one.
+//! - Registering the same identifier again with the same key (or both keyless) returns the
+//!   same device with new credentials (the old ones stop working and its sessions close);
+//!   with a different key it is a Conflict. A revoked device cannot re-register.
+//! - With a public key, `nonce` and `signature` are required; the signature is over the 32
+//!   decoded nonce bytes; a nonce works once, before its expiry (replay: Forbidden).
+//! - Revoked devices fail every authentication; [`Registry::revocations`] carries the ids of
+//!   devices revoked, deleted, rotated or re-registered so their sessions can be closed.
+//! - Live status and counters are memory-first and persisted by [`Registry::flush`].
+//! - Commands: queued → sent → delivered → succeeded | failed; queued | sent → expired.
+//!
+//! [`AuthThrottle`] rate-limits failed authentication for every entry point.
+
+#![forbid(unsafe_code)]
+
+mod clock;
+mod crypto;
+mod error;
+mod jwt;
+mod registry;
+mod store;
+mod throttle;
+mod types;
+mod validate;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{AuthError, RegistryError};
+pub use registry::{
+    MAX_CHALLENGES, MAX_COMMAND_TTL, MAX_COMMANDS_PER_DEVICE, MAX_TOKEN_TTL, MAX_TOKEN_USES,
+    Registry,
+};
+pub use throttle::{AuthThrottle, ThrottleConfig};
+pub use types::{
+    Challenge, Command, CommandState, DEFAULT_PAGE_LIMIT, Device, DevicePage, DevicePatch,
+    DeviceQuery, DeviceStatus, MAX_PAGE_LIMIT, NewCommand, NewDevice, NewProvisioningToken,
+    Provisioned, ProvisioningToken, Registration, RegistryOptions, Tokens,
+};

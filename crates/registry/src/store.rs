@@ -1,0 +1,292 @@
+//! The redb file: stored record formats, loading everything at open, and applying one batch of
+//! writes per transaction. Knows nothing about the rules; [`crate::Registry`] decides what to write.
+//!
+//! Tables (keys → JSON values): `devices` (id → [`DeviceRecord`]), `provisioning_tokens`
+//! (id → [`TokenRecord`]), `commands` ((device id, command id) → [`Command`]), `meta`
+//! (`jwt_key` → 32 raw bytes, `schema` → version).
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Hash;
+use crate::error::RegistryError;
+use crate::types::{Command, Device, ProvisioningToken};
+
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("provisioning_tokens");
+const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+
+const SCHEMA_VERSION: &[u8] = b"1";
+
+/// A device with its credential state, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DeviceRecord {
+    pub(crate) device: Device,
+    /// SHA-256 of the secret's base64url text; `None` for key-based devices.
+    #[serde(with = "hash_b64")]
+    pub(crate) secret_hash: Option<Hash>,
+    /// Bumped by rotation and re-registration; JWTs carry it as `ver`.
+    pub(crate) credential_version: u32,
+    /// SHA-256 of the one live refresh token.
+    #[serde(with = "hash_b64")]
+    pub(crate) refresh_hash: Option<Hash>,
+    pub(crate) refresh_expires_at_ms: u64,
+    /// Open connections (memory only).
+    #[serde(skip)]
+    pub(crate) connections: u32,
+}
+
+/// A provisioning token with the hash of its secret, as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct TokenRecord {
+    pub(crate) token: ProvisioningToken,
+    #[serde(with = "hash_b64")]
+    pub(crate) secret_hash: Option<Hash>,
+}
+
+/// One change to the file.
+#[derive(Debug, Clone)]
+pub(crate) enum Write {
+    PutDevice(Box<DeviceRecord>),
+    DeleteDevice(String),
+    PutToken(TokenRecord),
+    PutCommand(Command),
+    DeleteCommand {
+        device_id: String,
+        command_id: String,
+    },
+}
+
+/// Everything in the file.
+#[derive(Debug, Default)]
+pub(crate) struct Loaded {
+    pub(crate) devices: Vec<DeviceRecord>,
+    pub(crate) tokens: Vec<TokenRecord>,
+    pub(crate) commands: Vec<Command>,
+    pub(crate) jwt_key: [u8; 32],
+}
+
+/// The open redb database.
+pub(crate) struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Open (or create) the file, create missing tables and the JWT key, and load everything.
+    pub(crate) fn open(path: &Path) -> Result<(Store, Loaded), RegistryError> {
+        let error = |source: Box<dyn std::error::Error + Send + Sync>| RegistryError::Storage {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|e| error(e.into()))?;
+        }
+        let db = Database::create(path).map_err(|e| error(redb::Error::from(e).into()))?;
+        let store = Store {
+            db,
+            path: path.to_owned(),
+        };
+        store.init()?;
+        let loaded = store.load()?;
+        Ok((store, loaded))
+    }
+
+    fn error(&self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RegistryError {
+        RegistryError::Storage {
+            path: self.path.clone(),
+            source: source.into(),
+        }
+    }
+
+    fn redb(&self, source: impl Into<redb::Error>) -> RegistryError {
+        self.error(Box::new(source.into()))
+    }
+
+    fn corrupt(&self, table: &str, key: &str, error: &serde_json::Error) -> RegistryError {
+        self.error(format!("corrupt record {key:?} in table {table}: {error}"))
+    }
+
+    /// Create tables, check the schema version, generate the JWT key on first open.
+    fn init(&self) -> Result<(), RegistryError> {
+        let txn = self.db.begin_write().map_err(|e| self.redb(e))?;
+        {
+            txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+            txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
+            txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.redb(e))?;
+            let schema = meta
+                .get("schema")
+                .map_err(|e| self.redb(e))?
+                .map(|value| value.value().to_vec());
+            match schema.as_deref() {
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION)
+                        .map_err(|e| self.redb(e))?;
+                }
+                Some(SCHEMA_VERSION) => {}
+                Some(other) => {
+                    return Err(self.error(format!(
+                        "unsupported registry schema {:?} (this build reads {:?})",
+                        String::from_utf8_lossy(other),
+                        String::from_utf8_lossy(SCHEMA_VERSION)
+                    )));
+                }
+            }
+            let has_key = meta.get("jwt_key").map_err(|e| self.redb(e))?.is_some();
+            if !has_key {
+                let key = crate::crypto::random_32().map_err(|e| self.error(e.to_string()))?;
+                meta.insert("jwt_key", key.as_slice())
+                    .map_err(|e| self.redb(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.redb(e))
+    }
+
+    fn load(&self) -> Result<Loaded, RegistryError> {
+        let txn = self.db.begin_read().map_err(|e| self.redb(e))?;
+        let mut loaded = Loaded::default();
+
+        let meta = txn.open_table(META).map_err(|e| self.redb(e))?;
+        let key = meta
+            .get("jwt_key")
+            .map_err(|e| self.redb(e))?
+            .ok_or_else(|| self.error("missing jwt_key"))?;
+        loaded.jwt_key = key
+            .value()
+            .try_into()
+            .map_err(|_| self.error("jwt_key is not 32 bytes"))?;
+
+        let devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+        loaded
+            .devices
+            .reserve(usize::try_from(devices.len().map_err(|e| self.redb(e))?).unwrap_or(0));
+        for item in devices.iter().map_err(|e| self.redb(e))? {
+            let (key, value) = item.map_err(|e| self.redb(e))?;
+            let record: DeviceRecord = serde_json::from_slice(value.value())
+                .map_err(|e| self.corrupt("devices", key.value(), &e))?;
+            loaded.devices.push(record);
+        }
+
+        let tokens = txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
+        for item in tokens.iter().map_err(|e| self.redb(e))? {
+            let (key, value) = item.map_err(|e| self.redb(e))?;
+            let record: TokenRecord = serde_json::from_slice(value.value())
+                .map_err(|e| self.corrupt("provisioning_tokens", key.value(), &e))?;
+            loaded.tokens.push(record);
+        }
+
+        let commands = txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
+        for item in commands.iter().map_err(|e| self.redb(e))? {
+            let (key, value) = item.map_err(|e| self.redb(e))?;
+            let command: Command = serde_json::from_slice(value.value()).map_err(|e| {
+                let (device, id) = key.value();
+                self.corrupt("commands", &format!("{device}/{id}"), &e)
+            })?;
+            loaded.commands.push(command);
+        }
+        Ok(loaded)
+    }
+
+    /// Apply `writes` in one transaction. `durable`: fsync before returning (admin changes,
+    /// credentials); otherwise the commit may be lost on power loss (counters and status).
+    pub(crate) fn apply(&self, writes: &[Write], durable: bool) -> Result<(), RegistryError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let mut txn = self.db.begin_write().map_err(|e| self.redb(e))?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::Eventual
+        });
+        {
+            let mut devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+            let mut tokens = txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
+            let mut commands = txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
+            for write in writes {
+                match write {
+                    Write::PutDevice(record) => {
+                        let bytes = serde_json::to_vec(record).map_err(|e| self.error(e))?;
+                        devices
+                            .insert(record.device.id.as_str(), bytes.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                    }
+                    Write::DeleteDevice(id) => {
+                        devices.remove(id.as_str()).map_err(|e| self.redb(e))?;
+                    }
+                    Write::PutToken(record) => {
+                        let bytes = serde_json::to_vec(record).map_err(|e| self.error(e))?;
+                        tokens
+                            .insert(record.token.id.as_str(), bytes.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                    }
+                    Write::PutCommand(command) => {
+                        let bytes = serde_json::to_vec(command).map_err(|e| self.error(e))?;
+                        commands
+                            .insert(
+                                (command.device_id.as_str(), command.id.as_str()),
+                                bytes.as_slice(),
+                            )
+                            .map_err(|e| self.redb(e))?;
+                    }
+                    Write::DeleteCommand {
+                        device_id,
+                        command_id,
+                    } => {
+                        commands
+                            .remove((device_id.as_str(), command_id.as_str()))
+                            .map_err(|e| self.redb(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.redb(e))
+    }
+}
+
+/// `Option<[u8; 32]>` as base64 text in JSON.
+mod hash_b64 {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    use crate::crypto::Hash;
+
+    pub(crate) fn serialize<S: Serializer>(
+        value: &Option<Hash>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(hash) => serializer.serialize_some(&crate::crypto::b64url(hash)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Hash>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(deserializer)? else {
+            return Ok(None);
+        };
+        let bytes = crate::crypto::decode_b64url_strict(&text)
+            .ok_or_else(|| D::Error::custom("bad base64 hash"))?;
+        let hash: Hash = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| D::Error::custom("hash is not 32 bytes"))?;
+        Ok(Some(hash))
+    }
+}
