@@ -28,6 +28,13 @@ fi
 # Debian's package may start a system broker on 1883; the tests never use fixed ports,
 # so it does no harm and is left alone.
 
+# schemathesis (PyPI) fuzzes the REST API from its OpenAPI document (tests/api_fuzz.rs).
+if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing schemathesis" >&2
+    python3 -m pip install --quiet schemathesis \
+        || python3 -m pip install --quiet --break-system-packages schemathesis
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --all-features --no-fail-fast "$@"
     # nextest does not run doctests.

@@ -4,8 +4,11 @@
 
 mod api;
 mod buffer;
+mod cli_devices;
+mod commands;
 mod config;
 mod pipeline;
+mod registry;
 mod sinks;
 mod sources;
 mod telemetry;
@@ -40,6 +43,8 @@ enum Command {
     },
     /// Print the embedded default config.
     DefaultConfig,
+    /// Manage the devices of a running gateway over its API (needs `api.admin_token`).
+    Devices(cli_devices::DevicesArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Devices(args) => cli_devices::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
@@ -95,7 +101,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(topology::run(config)) {
+            let outcome = runtime.block_on(topology::run(config));
+            // Everything that holds data has finished by now; do not wait for idle
+            // blocking-pool threads or lingering API connections.
+            runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+            match outcome {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err:#}");

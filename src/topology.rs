@@ -1,9 +1,9 @@
 //! Builds the running gateway from a validated config and stops it in order.
 //!
-//! Start-up: API (so health is visible early), buffers (recovery), sinks, sources, then
-//! `/readyz` turns ready. Shutdown: sources stop accepting and reading, the pipeline
-//! drains into the buffers, buffers sync, sinks say goodbye upstream, all within
-//! `gateway.shutdown_grace`.
+//! Start-up: API (so health is visible early), the watchdog, buffers (recovery), sinks,
+//! sources, then `/readyz` turns ready. Shutdown: the watchdog and any CPU profile stop,
+//! sources stop accepting and reading, the pipeline drains into the buffers, buffers sync,
+//! sinks say goodbye upstream, all within `gateway.shutdown_grace`; the API goes last.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -13,24 +13,72 @@ use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::v1::V1State;
 use crate::api::{self, ApiState};
 use crate::buffer::SinkBuffer;
 use crate::buffer::writer::{self, WriterPolicy};
-use crate::config::{Config, SinkConfig, SourceConfig};
+use crate::commands::CommandDispatcher;
+use crate::config::{Config, HTTP_SOURCE, RegistryConfig, SinkConfig, SourceConfig};
 use crate::pipeline::{Intake, SourceOutput, intake};
 use crate::sinks;
-use crate::sources::directory::DeviceDirectory;
+use crate::sources::DeviceServices;
+use crate::sources::directory::{DeviceDirectory, close_revoked};
 use crate::sources::tcp::TcpSource;
 use crate::telemetry::Metrics;
+use crate::telemetry::profiling::CpuProfiler;
+use crate::telemetry::profiling::http::DebugState;
+use crate::telemetry::watchdog::Watchdog;
+use fieldgate_registry::{AuthThrottle, ThrottleConfig};
 
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new());
     let directory = Arc::new(DeviceDirectory::default());
+    // Observers (watchdog, CPU profiles) stop first at shutdown: they hold no data.
+    let observer_stop = CancellationToken::new();
+    let observer_tasks = TaskTracker::new();
+    let profiler = Arc::new(CpuProfiler::new(observer_stop.clone()));
+    // The registry opens before the API so its routes are there from the first request.
+    let registry = match &config.registry {
+        Some(registry_config) => Some(open_registry(&config, registry_config)?),
+        None => None,
+    };
+    let commands = registry.as_ref().map(|registry| {
+        Arc::new(CommandDispatcher::new(
+            Arc::clone(registry),
+            Arc::clone(&directory),
+        ))
+    });
+    let services = Arc::new(DeviceServices {
+        directory: Arc::clone(&directory),
+        registry: registry.clone(),
+        commands: commands.clone(),
+        throttle: AuthThrottle::new(ThrottleConfig::default()),
+        started: tokio::time::Instant::now(),
+    });
+    let v1_state = registry.as_ref().map(|registry| {
+        let ingest_enabled = config.sinks.values().any(|sink| {
+            sink.inputs()
+                .get_ref()
+                .iter()
+                .any(|input| input == HTTP_SOURCE)
+        });
+        Arc::new(V1State::new(
+            Arc::clone(registry),
+            config.api.as_ref().and_then(|api| api.admin_token.clone()),
+            ingest_enabled,
+            Arc::clone(&metrics),
+        ))
+    });
     let api_state = Arc::new(ApiState {
         metrics: Arc::clone(&metrics),
         ready: false.into(),
+        debug: Arc::new(DebugState {
+            admin_token: config.api.as_ref().and_then(|api| api.admin_token.clone()),
+            profiler: Arc::clone(&profiler),
+        }),
+        v1: v1_state.clone(),
     });
 
     let api_stop = CancellationToken::new();
@@ -54,6 +102,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             config.gateway.data_dir.display()
         )
     })?;
+    let watchdog = Watchdog::new(
+        &config.watchdog,
+        Arc::clone(&metrics),
+        config.sinks.keys().map(String::as_str),
+        &config.gateway.data_dir,
+        Arc::clone(&profiler),
+    );
+    observer_tasks.spawn(watchdog.run(observer_stop.clone()));
 
     // Buffers and intakes, one per sink.
     let mut buffers = BTreeMap::new();
@@ -100,6 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 let context = sinks::mqtt::MqttSinkContext {
                     gateway: config.gateway.id.clone(),
                     directory: Arc::clone(&directory),
+                    commands: commands.clone(),
                     intake: intakes[&name].downgrade(),
                     metrics: sink_metrics,
                 };
@@ -152,13 +209,45 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     name,
                     tcp,
                     output,
-                    Arc::clone(&directory),
+                    Arc::clone(&services),
                     Arc::clone(&metrics),
                 )
                 .await?;
                 source_tasks.spawn(source.run(source_stop.clone()));
             }
         }
+    }
+    // HTTP ingestion is a source too: it feeds the sinks listing "http".
+    if let Some(v1) = &v1_state {
+        let targets = config
+            .sinks
+            .iter()
+            .filter(|(_, sink)| {
+                sink.inputs()
+                    .get_ref()
+                    .iter()
+                    .any(|input| input == HTTP_SOURCE)
+            })
+            .map(|(sink_name, _)| intakes[sink_name].clone())
+            .collect();
+        v1.ingest.open(SourceOutput::new(targets));
+    }
+    // Registry services: command expiry and closing revoked devices' connections.
+    if let (Some(registry), Some(commands)) = (&registry, &commands) {
+        commands.open_results(intakes.values().map(Intake::downgrade).collect());
+        if let Some(v1) = &v1_state {
+            v1.attach_commands(Arc::clone(commands));
+        }
+        observer_tasks.spawn(Arc::clone(commands).run_expiry(observer_stop.clone()));
+        observer_tasks.spawn(close_revoked(
+            Arc::clone(&directory),
+            registry.revocations(),
+            observer_stop.clone(),
+        ));
+        observer_tasks.spawn(crate::registry::persist_status(
+            Arc::clone(registry),
+            observer_stop.clone(),
+        ));
     }
     // Only sources may keep the intakes open, so they close when the sources stop.
     drop(intakes);
@@ -169,9 +258,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     wait_for_signal().await;
     tracing::info!(grace = ?config.gateway.shutdown_grace.0, "shutting down");
     api_state.ready.store(false, Ordering::Release);
+    observer_stop.cancel();
+    observer_tasks.close();
 
     let sequence = async {
         source_stop.cancel();
+        if let Some(v1) = &v1_state {
+            v1.ingest.close();
+        }
         source_tasks.close();
         source_tasks.wait().await;
         writer_stop.cancel();
@@ -185,12 +279,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 tracing::error!(sink = %name, error = %err, "final buffer sync failed");
             }
         }
+        if let Some(Err(err)) = registry.as_ref().map(|registry| registry.flush()) {
+            tracing::error!(error = %err, "final registry flush failed");
+        }
     };
     let finished = tokio::time::timeout(config.gateway.shutdown_grace.0, sequence).await;
     api_stop.cancel();
     api_tasks.close();
-    // The API holds no data; do not let a slow scraper delay the exit.
-    let _api_done = tokio::time::timeout(std::time::Duration::from_secs(1), api_tasks.wait()).await;
+    // The API and the watchdog hold no data; do not let a slow scraper delay the exit.
+    let observers = async {
+        api_tasks.wait().await;
+        observer_tasks.wait().await;
+    };
+    let _observers_done = tokio::time::timeout(std::time::Duration::from_secs(1), observers).await;
     match finished {
         Ok(()) => {
             tracing::info!("shutdown complete");
@@ -220,4 +321,19 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
+}
+
+/// Opens (or creates) `<data_dir>/registry.redb`, loading every device into memory.
+fn open_registry(
+    config: &Config,
+    registry: &RegistryConfig,
+) -> anyhow::Result<Arc<fieldgate_registry::Registry>> {
+    let path = config.gateway.data_dir.join("registry.redb");
+    let mut options = fieldgate_registry::RegistryOptions::new(&path, config.gateway.id.clone());
+    options.jwt_ttl = registry.jwt_ttl.0;
+    options.refresh_ttl = registry.refresh_ttl.0;
+    let opened = fieldgate_registry::Registry::open(options)
+        .with_context(|| format!("registry: cannot open {}", path.display()))?;
+    tracing::info!(path = %path.display(), devices = opened.len(), "device registry open");
+    Ok(Arc::new(opened))
 }

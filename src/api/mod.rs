@@ -1,5 +1,20 @@
 //! The HTTP API: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (listeners bound
-//! and buffers open).
+//! and buffers open), and the admin-only `/debug/pprof/*` routes of
+//! [`crate::telemetry::profiling::http`]; with `[registry]`, the device registry's
+//! `/api/v1` routes of [`v1`].
+
+pub mod admin;
+pub mod commands;
+pub mod devices;
+pub mod extract;
+pub mod ingest;
+pub mod openapi;
+pub mod problem;
+pub mod provisioning;
+pub mod registration;
+#[cfg(test)]
+mod tests;
+pub mod v1;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::telemetry::Metrics;
+use crate::telemetry::profiling::http::{self as debug_routes, DebugState};
 
 /// What the handlers read.
 pub struct ApiState {
@@ -20,15 +36,22 @@ pub struct ApiState {
     pub metrics: Arc<Metrics>,
     /// Set once every listener is bound and every buffer is open.
     pub ready: AtomicBool,
+    /// The admin token and CPU profiler behind `/debug/pprof/*`.
+    pub debug: Arc<DebugState>,
+    /// The device registry's `/api/v1` routes; none without `[registry]`.
+    pub v1: Option<Arc<v1::V1State>>,
 }
 
 /// The routes.
 pub fn router(state: Arc<ApiState>) -> Router {
+    let v1_routes = state.v1.clone().map(v1::router).unwrap_or_default();
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .merge(debug_routes::routes(Arc::clone(&state.debug)))
         .with_state(state)
+        .merge(v1_routes)
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
@@ -51,7 +74,8 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
 
 /// Serves until `shutdown`.
 pub async fn serve(listener: TcpListener, state: Arc<ApiState>, shutdown: CancellationToken) {
-    let served = axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await;
     if let Err(err) = served {

@@ -198,12 +198,21 @@ impl SinkBuffer {
     /// Makes appended records visible to the sink and safe from a process crash;
     /// with `durable`, also from power loss.
     pub fn commit(&self, durable: bool) -> Result<(), BufferError> {
-        let mut lanes = self.lock();
-        for priority in Priority::ALL {
-            let lane = lanes.lane(priority);
-            if durable { lane.sync()? } else { lane.flush()? }
+        let write = || -> Result<(), BufferError> {
+            let mut lanes = self.lock();
+            for priority in Priority::ALL {
+                let lane = lanes.lane(priority);
+                if durable { lane.sync()? } else { lane.flush()? }
+            }
+            Ok(())
+        };
+        if durable {
+            // fdatasync can take milliseconds (hundreds on a busy disk): tell the runtime,
+            // so connections and sinks on this worker move to another thread meanwhile.
+            blocking(write)?;
+        } else {
+            write()?;
         }
-        drop(lanes);
         self.readable.notify_waiters();
         Ok(())
     }
@@ -307,5 +316,17 @@ impl SinkBuffer {
         lanes.normal.rewind();
         drop(lanes);
         self.readable.notify_waiters();
+    }
+}
+
+/// Runs `work` that blocks on the disk, letting a multi-thread runtime hand this
+/// worker's other tasks to another thread first. On other runtimes it just runs it.
+fn blocking<R>(work: impl FnOnce() -> R) -> R {
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi_thread {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
     }
 }

@@ -18,6 +18,10 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 pub use error::ConfigError;
+
+/// The pseudo-source of HTTP ingestion (`POST /api/v1/devices/{id}/telemetry`) that sinks
+/// list in `inputs`; available with `[registry]`.
+pub const HTTP_SOURCE: &str = "http";
 pub use types::*;
 
 /// The config used by `fieldgate run` without `--config`: TCP devices on 127.0.0.1:7000,
@@ -104,6 +108,8 @@ pub fn parse(
         gateway: top.gateway,
         log: top.log,
         api: top.api,
+        watchdog: top.watchdog,
+        registry: top.registry,
         sources: source_configs,
         sinks: sink_configs,
     };
@@ -119,6 +125,9 @@ struct TopLevel {
     #[serde(default)]
     log: LogConfig,
     api: Option<ApiConfig>,
+    #[serde(default)]
+    watchdog: WatchdogConfig,
+    registry: Option<RegistryConfig>,
     // Taken out before this struct is read; named here so a typo such as `[sink.x]`
     // lists them among the expected keys.
     #[serde(rename = "sources", default)]
@@ -235,6 +244,28 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
     };
     if let Some(api) = &config.api {
         claim(&api.address, "api.address".into())?;
+        if api.admin_token.as_deref().is_some_and(str::is_empty) {
+            return Err(context
+                .error_at(
+                    0..0,
+                    "api.admin_token",
+                    "cannot be empty; leave the key out to turn the admin routes off".into(),
+                )
+                .without_line());
+        }
+    }
+    config.watchdog.check(context)?;
+    if let Some(registry) = &config.registry {
+        registry.check(context)?;
+        if config.sources.contains_key(HTTP_SOURCE) {
+            return Err(context
+                .error_at(
+                    0..0,
+                    &format!("sources.{HTTP_SOURCE}"),
+                    format!("{HTTP_SOURCE:?} is the registry's HTTP ingestion source; rename this source"),
+                )
+                .without_line());
+        }
     }
     if let Err(err) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         return Err(context
@@ -255,6 +286,15 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
             SourceConfig::Tcp(tcp) => {
                 claim(&tcp.address, format!("sources.{name}.address"))?;
                 tcp.check(context, name)?;
+                if tcp.auth == AuthMode::Registry && config.registry.is_none() {
+                    return Err(context
+                        .error_at(
+                            0..0,
+                            &format!("sources.{name}.auth"),
+                            "auth = \"registry\" needs a [registry] table".into(),
+                        )
+                        .without_line());
+                }
                 if tcp.auth == AuthMode::Token && tcp.tokens.is_empty() {
                     return Err(context
                         .error_at(
@@ -276,6 +316,16 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
             ));
         }
         for input in sink.inputs().get_ref() {
+            if input == HTTP_SOURCE && config.registry.is_some() {
+                if config.api.is_none() {
+                    return Err(context.error_at(
+                        sink.inputs().span(),
+                        &format!("sinks.{name}.inputs"),
+                        format!("input {HTTP_SOURCE:?} (HTTP ingestion) needs an [api] section"),
+                    ));
+                }
+                continue;
+            }
             if !config.sources.contains_key(input) {
                 let known: Vec<&str> = config.sources.keys().map(String::as_str).collect();
                 return Err(context.error_at(

@@ -246,6 +246,16 @@ fn mqtt_checks() {
 }
 
 #[test]
+fn registry_auth_needs_a_registry() {
+    let err = parse_err(&contract_with("framing = \"lines\"", "auth = \"registry\""));
+    assert_eq!(err.key.as_deref(), Some("sources.devices.auth"), "{err}");
+    parse_ok(&format!(
+        "{}\n[registry]\n",
+        contract_with("framing = \"lines\"", "auth = \"registry\"")
+    ));
+}
+
+#[test]
 fn token_auth_needs_tokens() {
     let err = parse_err(&contract_with("framing = \"lines\"", "auth = \"token\""));
     assert_eq!(err.key.as_deref(), Some("sources.devices.tokens"), "{err}");
@@ -376,4 +386,146 @@ fn a_source_no_sink_reads_is_an_error() {
         format!("{CONTRACT}\n[sources.spare]\ntype = \"tcp\"\naddress = \"127.0.0.1:7001\"\n");
     let err = parse_err(&text);
     assert_eq!(err.key.as_deref(), Some("sources.spare"), "{err}");
+}
+
+#[test]
+fn registry_section_has_defaults_and_allows_the_http_input() {
+    let config = parse_ok(&format!(
+        "{}\n[registry]\n",
+        contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+    ));
+    let registry = config
+        .registry
+        .unwrap_or_else(|| panic!("registry expected"));
+    assert_eq!(registry.jwt_ttl.0, std::time::Duration::from_secs(3600));
+    assert_eq!(
+        registry.refresh_ttl.0,
+        std::time::Duration::from_secs(30 * 24 * 3600)
+    );
+    let config = parse_ok(&format!(
+        "{CONTRACT}\n[registry]\njwt_ttl = \"15m\"\nrefresh_ttl = \"7d\"\n"
+    ));
+    assert!(
+        config
+            .registry
+            .is_some_and(|r| r.jwt_ttl.0.as_secs() == 900)
+    );
+    assert!(parse_ok(CONTRACT).registry.is_none());
+}
+
+#[test]
+fn registry_values_are_checked() {
+    for (section, key) in [
+        ("jwt_ttl = \"0s\"", "registry.jwt_ttl"),
+        ("jwt_ttl = \"2d\"", "registry.jwt_ttl"),
+        (
+            "jwt_ttl = \"1h\"\nrefresh_ttl = \"30m\"",
+            "registry.refresh_ttl",
+        ),
+        ("refresh_ttl = \"400d\"", "registry.refresh_ttl"),
+        ("jwt_tll = \"1h\"", "registry.jwt_tll"),
+    ] {
+        let err = parse_err(&format!("{CONTRACT}\n[registry]\n{section}\n"));
+        assert_eq!(err.key.as_deref(), Some(key), "{section}: {err}");
+    }
+}
+
+#[test]
+fn http_input_needs_the_registry_and_the_api() {
+    let with_http = contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]");
+    let err = parse_err(&with_http);
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
+    let without_api = format!(
+        "{}\n[registry]\n",
+        with_http.replace("[api]\naddress = \"127.0.0.1:8080\"\n", "")
+    );
+    let err = parse_err(&without_api);
+    assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
+    assert!(err.to_string().contains("[api]"), "{err}");
+    let shadowing = format!(
+        "{}\n[registry]\n[sources.http]\ntype = \"tcp\"\naddress = \"127.0.0.1:7001\"\n",
+        contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+    );
+    let err = parse_err(&shadowing);
+    assert_eq!(err.key.as_deref(), Some("sources.http"), "{err}");
+}
+
+#[test]
+fn watchdog_defaults_and_keys() {
+    let config = parse_ok(CONTRACT);
+    assert_eq!(
+        config.watchdog.interval.0,
+        std::time::Duration::from_secs(10)
+    );
+    assert_eq!(config.watchdog.rss_growth_limit, ByteSize(50 * 1024 * 1024));
+    assert_eq!(config.watchdog.rss_limit, None);
+    assert_eq!(
+        config.watchdog.cooldown.0,
+        std::time::Duration::from_secs(600)
+    );
+    let config = parse_ok(&format!(
+        "{CONTRACT}\n[watchdog]\ninterval = \"2s\"\nrss_growth_limit = \"10MiB\"\nrss_limit = \"512MiB\"\ncooldown = \"1h\"\n"
+    ));
+    assert_eq!(
+        config.watchdog.interval.0,
+        std::time::Duration::from_secs(2)
+    );
+    assert_eq!(config.watchdog.rss_growth_limit, ByteSize(10 * 1024 * 1024));
+    assert_eq!(config.watchdog.rss_limit, Some(ByteSize(512 * 1024 * 1024)));
+    assert_eq!(
+        config.watchdog.cooldown.0,
+        std::time::Duration::from_secs(3600)
+    );
+}
+
+#[test]
+fn watchdog_bad_values_name_their_key() {
+    for (line, key) in [
+        ("interval = 10", "watchdog.interval"),
+        ("interval = \"soon\"", "watchdog.interval"),
+        ("interval = \"0s\"", "watchdog.interval"),
+        ("interval = \"10ms\"", "watchdog.interval"),
+        ("cooldown = \"0s\"", "watchdog.cooldown"),
+        ("rss_growth_limit = 52428800", "watchdog.rss_growth_limit"),
+        ("rss_growth_limit = \"0B\"", "watchdog.rss_growth_limit"),
+        ("rss_limit = \"0B\"", "watchdog.rss_limit"),
+        ("rss_limit = true", "watchdog.rss_limit"),
+        ("rss_limt = \"1GiB\"", "watchdog.rss_limt"),
+    ] {
+        let err = parse_err(&format!("{CONTRACT}\n[watchdog]\n{line}\n"));
+        assert_eq!(err.key.as_deref(), Some(key), "{line}: {err}");
+    }
+    let err = parse_err(&format!("{CONTRACT}\n[watchdog]\nrss_limt = \"1GiB\"\n"));
+    assert!(
+        err.message.contains("rss_limit"),
+        "lists the known keys: {err}"
+    );
+    let err = parse_err(&format!("{CONTRACT}\nwatchdog = 5\n"));
+    assert!(err.to_string().contains("watchdog"), "{err}");
+}
+
+#[test]
+fn api_admin_token() {
+    assert_eq!(parse_ok(CONTRACT).api.unwrap().admin_token, None);
+    let text = contract_with(
+        "address = \"127.0.0.1:8080\"",
+        "address = \"127.0.0.1:8080\"\nadmin_token = \"${ADMIN_TOKEN}\"",
+    );
+    let config = parse("test.toml", &text, |name| {
+        (name == "ADMIN_TOKEN").then(|| "s3cret".to_owned())
+    })
+    .unwrap();
+    assert_eq!(config.api.unwrap().admin_token.as_deref(), Some("s3cret"));
+    let err = parse("test.toml", &text, |_| Some(String::new())).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("api.admin_token"), "{err}");
+    let err = parse_err(&contract_with(
+        "address = \"127.0.0.1:8080\"",
+        "address = \"127.0.0.1:8080\"\nadmin_token = 42",
+    ));
+    assert_eq!(err.key.as_deref(), Some("api.admin_token"), "{err}");
+    let err = parse_err(&contract_with(
+        "address = \"127.0.0.1:8080\"",
+        "address = \"127.0.0.1:8080\"\nadmin_tokn = \"x\"",
+    ));
+    assert_eq!(err.key.as_deref(), Some("api.admin_tokn"), "{err}");
 }

@@ -22,6 +22,10 @@ pub struct Config {
     pub log: LogConfig,
     /// `[api]`: the HTTP server for metrics and health; none when absent.
     pub api: Option<ApiConfig>,
+    /// `[watchdog]`: the memory and resource watchdog, always on.
+    pub watchdog: WatchdogConfig,
+    /// `[registry]`: the device registry and its `/api/v1` routes; none when absent.
+    pub registry: Option<RegistryConfig>,
     /// `[sources.NAME]`: where events come from.
     pub sources: BTreeMap<String, SourceConfig>,
     /// `[sinks.NAME]`: where events go, each behind its own buffer.
@@ -92,6 +96,127 @@ pub enum LogFormat {
 pub struct ApiConfig {
     /// Listen address of the HTTP server.
     pub address: Spanned<SocketAddr>,
+    /// Bearer token for the admin-only routes (`/debug/pprof/*` among them); without it
+    /// they answer 404.
+    pub admin_token: Option<String>,
+}
+
+/// `[registry]`: the device registry, kept in `<data_dir>/registry.redb`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Lifetime of a device access token (JWT).
+    #[serde(default = "default_jwt_ttl")]
+    pub jwt_ttl: HumanDuration,
+    /// Lifetime of a refresh token; longer than `jwt_ttl`.
+    #[serde(default = "default_refresh_ttl")]
+    pub refresh_ttl: HumanDuration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            jwt_ttl: default_jwt_ttl(),
+            refresh_ttl: default_refresh_ttl(),
+        }
+    }
+}
+
+/// An access token living longer than a day is a secret, not a session.
+const MAX_JWT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A refresh token living longer than a year outlives any sensible rotation policy.
+const MAX_REFRESH_TTL: Duration = Duration::from_secs(366 * 24 * 3600);
+
+impl RegistryConfig {
+    pub(super) fn check(&self, context: &Context<'_>) -> Result<(), ConfigError> {
+        let whole = |field: &str, message: &str| {
+            context
+                .error_at(0..0, &format!("registry.{field}"), message.into())
+                .without_line()
+        };
+        if self.jwt_ttl.0 < Duration::from_secs(1) || self.jwt_ttl.0 > MAX_JWT_TTL {
+            return Err(whole("jwt_ttl", "must be between 1s and 24h"));
+        }
+        if self.refresh_ttl.0 <= self.jwt_ttl.0 || self.refresh_ttl.0 > MAX_REFRESH_TTL {
+            return Err(whole(
+                "refresh_ttl",
+                "must be longer than jwt_ttl and at most 366 days",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn default_jwt_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_refresh_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 24 * 3600))
+}
+
+/// `[watchdog]`: how often the process is sampled and when RSS growth is alarming.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchdogConfig {
+    /// Time between two samples of RSS, open FDs, tasks and buffer sizes.
+    #[serde(default = "default_watchdog_interval")]
+    pub interval: HumanDuration,
+    /// RSS growth per minute above which the watchdog warns and writes a profile.
+    #[serde(default = "default_rss_growth_limit")]
+    pub rss_growth_limit: ByteSize,
+    /// RSS the gateway should stay under; the watchdog acts above 90 % of it.
+    #[serde(default)]
+    pub rss_limit: Option<ByteSize>,
+    /// Least time between two warnings with a profile.
+    #[serde(default = "default_watchdog_cooldown")]
+    pub cooldown: HumanDuration,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            interval: default_watchdog_interval(),
+            rss_growth_limit: default_rss_growth_limit(),
+            rss_limit: None,
+            cooldown: default_watchdog_cooldown(),
+        }
+    }
+}
+
+/// Sampling `/proc` more often than this costs more than it tells.
+const MIN_WATCHDOG_INTERVAL: Duration = Duration::from_millis(100);
+
+impl WatchdogConfig {
+    pub(super) fn check(&self, context: &Context<'_>) -> Result<(), ConfigError> {
+        let whole = |field: &str, message: &str| {
+            context
+                .error_at(0..0, &format!("watchdog.{field}"), message.into())
+                .without_line()
+        };
+        if self.interval.0 < MIN_WATCHDOG_INTERVAL {
+            return Err(whole("interval", "must be at least 100ms"));
+        }
+        if self.cooldown.0.is_zero() {
+            return Err(whole("cooldown", "must be above 0"));
+        }
+        if self.rss_growth_limit.0 == 0 {
+            return Err(whole("rss_growth_limit", "must be above 0B"));
+        }
+        if self.rss_limit.is_some_and(|limit| limit.0 == 0) {
+            return Err(whole("rss_limit", "must be above 0B"));
+        }
+        Ok(())
+    }
+}
+
+fn default_watchdog_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_rss_growth_limit() -> ByteSize {
+    ByteSize(50 * 1024 * 1024)
+}
+fn default_watchdog_cooldown() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 /// `[sources.NAME]`, by `type`.
@@ -215,6 +340,8 @@ pub enum AuthMode {
     None,
     /// A hello with one of the configured tokens is required first.
     Token,
+    /// A hello with the device's secret or JWT from the registry is required first.
+    Registry,
 }
 
 /// `[sources.NAME.tls]`.
@@ -260,16 +387,8 @@ impl SinkConfig {
     }
 }
 
-/// How an event is written out.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OutputFormat {
-    /// `{"device", "kind", "received_at", "source", "payload"}`.
-    #[default]
-    Envelope,
-    /// The device's JSON unchanged.
-    Raw,
-}
+/// How an event is written out (the envelope code lives beside the event model).
+pub use fieldgate_core::envelope::OutputFormat;
 
 /// `[sinks.NAME]` with `type = "mqtt"`.
 #[derive(Debug, Deserialize)]
@@ -366,7 +485,8 @@ fn default_reconnect_max() -> HumanDuration {
     HumanDuration(Duration::from_secs(60))
 }
 fn default_max_inflight() -> u16 {
-    100
+    // Enough to keep a broker 1-2 ms away busy at tens of thousands of publishes/s.
+    500
 }
 fn default_batch_max_events() -> usize {
     1

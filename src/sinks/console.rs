@@ -3,9 +3,9 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
+use fieldgate_core::envelope::write_event;
 use tokio_util::sync::CancellationToken;
 
-use super::format::write_event;
 use crate::buffer::SinkBuffer;
 use crate::config::{ConsoleSinkConfig, OutputFormat};
 use crate::telemetry::Metrics;

@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fieldgate_core::envelope::write_event;
 use tokio_util::sync::CancellationToken;
 
-use super::format::write_event;
 use crate::buffer::SinkBuffer;
 use crate::config::{FileSinkConfig, OutputFormat};
 use crate::telemetry::Metrics;

@@ -3,7 +3,6 @@
 
 pub mod console;
 pub mod file;
-pub mod format;
 pub mod mqtt;
 mod topic;
 

@@ -18,6 +18,8 @@ pub const COMMAND_QUEUE: usize = 16;
 /// A command on its way to a device.
 #[derive(Debug)]
 pub struct DeviceCommand {
+    /// The device it is for (a connection may speak for several).
+    pub device: DeviceId,
     /// Command id chosen by the sender; the device's result carries it back.
     pub id: String,
     /// What to do.
@@ -112,12 +114,39 @@ impl DeviceDirectory {
     }
 }
 
+/// Closes the connection of every device whose id arrives on `revoked` (registry
+/// revocations, deletions, secret rotations) until `stop`.
+pub async fn close_revoked(
+    directory: std::sync::Arc<DeviceDirectory>,
+    mut revoked: tokio::sync::broadcast::Receiver<String>,
+    stop: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let id = tokio::select! {
+            _ = stop.cancelled() => return,
+            id = revoked.recv() => id,
+        };
+        match id {
+            Ok(id) => {
+                if directory.close(&DeviceId::new(&id)) {
+                    tracing::info!(device = %id, "credentials revoked: connection closed");
+                }
+            }
+            // Missed ids after a burst: their next authentication fails anyway.
+            Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "revocation notices missed"),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn command() -> DeviceCommand {
         DeviceCommand {
+            device: DeviceId::new("d1"),
             id: "c".into(),
             name: "n".into(),
             params: RawValue::from_string("{}".into()).unwrap(),

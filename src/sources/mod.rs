@@ -6,7 +6,34 @@
 pub mod directory;
 pub mod tcp;
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+
+use fieldgate_registry::{AuthThrottle, Registry};
+
+use self::directory::DeviceDirectory;
+use crate::commands::CommandDispatcher;
+
+/// What every source shares about devices beyond its own connections.
+pub struct DeviceServices {
+    /// Connected devices, for commands and revocation.
+    pub directory: Arc<DeviceDirectory>,
+    /// Registered devices and their credentials, when `[registry]` is configured.
+    pub registry: Option<Arc<Registry>>,
+    /// Command queue and delivery, when the registry is configured.
+    pub commands: Option<Arc<CommandDispatcher>>,
+    /// Growing delays after failed authentications, per peer address and per device.
+    pub throttle: AuthThrottle,
+    /// The throttle's clock origin.
+    pub started: tokio::time::Instant,
+}
+
+impl DeviceServices {
+    /// Time since start-up, the throttle's clock.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+}
 
 /// Milliseconds since the Unix epoch, the gateway's timestamp for received events.
 pub fn now_ms() -> u64 {

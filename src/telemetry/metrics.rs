@@ -73,6 +73,10 @@ pub struct Metrics {
     pub upstream_connect_failures: Family<SinkLabel, Counter>,
     /// Receipt to upstream acknowledgement.
     pub event_latency: Family<SinkLabel, Histogram, fn() -> Histogram>,
+    /// RSS slope over the watchdog's last minute of samples, in bytes per minute.
+    pub watchdog_rss_growth: Gauge,
+    /// Tokio tasks alive at the watchdog's last sample.
+    pub tasks: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -99,6 +103,8 @@ impl Metrics {
             upstream_connected: Family::default(),
             upstream_connect_failures: Family::default(),
             event_latency: Family::new_with_constructor(latency_histogram),
+            watchdog_rss_growth: Gauge::default(),
+            tasks: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -161,6 +167,16 @@ impl Metrics {
             "Time from receipt at the gateway to the upstream's acknowledgement",
             Unit::Seconds,
             metrics.event_latency.clone(),
+        );
+        registry.register(
+            "fieldgate_watchdog_rss_growth_bytes_per_minute",
+            "Resident memory growth over the last minute of watchdog samples",
+            metrics.watchdog_rss_growth.clone(),
+        );
+        registry.register(
+            "fieldgate_tasks",
+            "Tokio tasks alive",
+            metrics.tasks.clone(),
         );
         registry.register_collector(Box::new(ProcessCollector));
         Self {
@@ -264,6 +280,8 @@ mod tests {
             "fieldgate_buffer_bytes{sink=\"cloud\"} 4",
             "fieldgate_upstream_connected{sink=\"cloud\"} 1",
             "fieldgate_event_latency_seconds_count{sink=\"cloud\"} 1",
+            "fieldgate_watchdog_rss_growth_bytes_per_minute 0",
+            "fieldgate_tasks 0",
             "process_resident_memory_bytes ",
             "process_open_fds ",
             "process_cpu_seconds_total ",

@@ -93,8 +93,10 @@ impl SegmentReader {
         if header.len > self.max_record_bytes {
             return self.corrupt();
         }
-        let mut payload = Vec::new();
         let len = u64::from(header.len);
+        // Exact capacity (`len` is capped by `max_record_bytes` above): `read_to_end` into an
+        // empty Vec grew it 3-4 times per 100-byte record, ~4% of the gateway's CPU at full load.
+        let mut payload = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
         let got = (&mut self.file)
             .take(len)
             .read_to_end(&mut payload)

@@ -2,9 +2,11 @@
 //!
 //! An [`Event`] is what a device said, plus what the gateway knows about it (who, when,
 //! from which source, how urgent). Its payload is a [`bytes::Bytes`], so passing an event
-//! from source to pipeline to buffer never copies the device's data.
+//! from source to pipeline to buffer never copies the device's data. [`envelope`] is how
+//! sinks write an event out (pure encoding, so it can be benchmarked and shared).
 #![forbid(unsafe_code)]
 
+pub mod envelope;
 mod event;
 mod record;
 

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fieldgate_buffer::RecordId;
+use fieldgate_core::envelope::{write_batch, write_event};
 use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat, Priority};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,15 +28,18 @@ pub use address::BrokerAddress;
 use backoff::Backoff;
 use link::{Link, LinkEvent, LinkOptions};
 
-use super::format::{write_batch, write_event};
 use super::single_wildcard_match;
 use crate::buffer::{Delivery, SinkBuffer};
+use crate::commands::CommandDispatcher;
 use crate::config::{MqttSinkConfig, Qos};
 use crate::pipeline::{Item, WeakIntake};
 use crate::sources::directory::{DeviceCommand, DeviceDirectory};
 use crate::sources::now_ms;
 use crate::telemetry::Metrics;
+use fieldgate_registry::NewCommand;
 
+/// How long a cloud command waits for its device unless it says `"ttl"`.
+const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(3600);
 /// How long a graceful shutdown waits for the `offline` status to be acked.
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(2);
 
@@ -51,8 +55,11 @@ enum Carried {
 pub struct MqttSinkContext {
     /// Gateway id for topics.
     pub gateway: String,
-    /// Connected devices, for commands.
+    /// Connected devices, for commands when there is no registry.
     pub directory: Arc<DeviceDirectory>,
+    /// Queued, tracked commands when the registry is configured.
+    pub commands: Option<Arc<CommandDispatcher>>,
+
     /// The sink's own intake, to report command errors; weak so it never keeps the
     /// pipeline open at shutdown.
     pub intake: WeakIntake,
@@ -417,6 +424,8 @@ impl MqttSink<'_> {
             name: String,
             #[serde(default)]
             params: Option<Box<serde_json::value::RawValue>>,
+            #[serde(default)]
+            ttl: Option<String>,
         }
         let command: CommandMessage = match serde_json::from_slice(&payload) {
             Ok(command) => command,
@@ -440,9 +449,34 @@ impl MqttSink<'_> {
             serde_json::value::RawValue::from_string("{}".into()).expect("`{}` is valid JSON")
         });
         let id = command.id.clone();
+        if let Some(commands) = &self.context.commands {
+            // With a registry the command is queued (TTL, retries on reconnect) and tracked.
+            let ttl = match command.ttl.as_deref().map(humantime::parse_duration) {
+                None => DEFAULT_COMMAND_TTL,
+                Some(Ok(ttl)) => ttl,
+                Some(Err(err)) => {
+                    return self.command_error(device, &id, &format!("invalid ttl: {err}"));
+                }
+            };
+            let params = serde_json::from_str(params.get()).unwrap_or(serde_json::Value::Null);
+            let new = NewCommand {
+                id: command.id,
+                name: command.name,
+                params,
+                ttl,
+            };
+            match commands.submit(device.as_str(), new) {
+                Ok(queued) => {
+                    tracing::info!(sink = self.buffer.sink(), %device, command = id, state = ?queued.state, "command accepted")
+                }
+                Err(err) => self.command_error(device, &id, &err.to_string()),
+            }
+            return;
+        }
         let delivered = self.context.directory.send(
             &device,
             DeviceCommand {
+                device: device.clone(),
                 id: command.id,
                 name: command.name,
                 params,

@@ -68,6 +68,7 @@ impl CloseReason {
 struct Connection {
     shared: Arc<SourceShared>,
     stream: DeviceStream,
+    peer: std::net::SocketAddr,
     id: u64,
     decoder: FrameDecoder,
     /// Partial frame bytes; empty (no allocation) between frames.
@@ -97,6 +98,7 @@ struct Connection {
 pub async fn serve(
     shared: Arc<SourceShared>,
     stream: DeviceStream,
+    peer: std::net::SocketAddr,
     id: u64,
     shutdown: CancellationToken,
     permit: tokio::sync::OwnedSemaphorePermit,
@@ -106,6 +108,7 @@ pub async fn serve(
     let mut connection = Connection {
         shared: Arc::clone(&shared),
         stream,
+        peer,
         id,
         decoder,
         buf: BytesMut::new(),
@@ -159,6 +162,9 @@ impl Connection {
                         let reply = Reply::Command { id: &command.id, name: &command.name, params: &command.params };
                         if !self.reply(&reply).await {
                             return CloseReason::WriteFailed;
+                        }
+                        if let Some(commands) = &self.shared.services.commands {
+                            commands.delivered(&command.device, &command.id);
                         }
                     }
                 }
@@ -253,6 +259,7 @@ impl Connection {
             Ok(message) => message,
             Err(err) => return self.protocol_error(err.code(), &err.to_string()).await,
         };
+        let mut command_id = None;
         let (device, kind, seq, device_time_ms, format) = match message {
             DeviceMessage::Hello { device, token } => {
                 return self.hello(&device, token.as_deref()).await;
@@ -270,13 +277,16 @@ impl Connection {
                 device_time_ms,
                 PayloadFormat::Json,
             ),
-            DeviceMessage::CommandResult { device, seq, .. } => (
-                device.map(|d| d.into_owned()),
-                EventKind::CommandResult,
-                seq,
-                None,
-                PayloadFormat::Json,
-            ),
+            DeviceMessage::CommandResult { device, seq, id } => {
+                command_id = Some(id.into_owned());
+                (
+                    device.map(|d| d.into_owned()),
+                    EventKind::CommandResult,
+                    seq,
+                    None,
+                    PayloadFormat::Json,
+                )
+            }
             DeviceMessage::Binary => (
                 None,
                 EventKind::Telemetry,
@@ -291,6 +301,12 @@ impl Connection {
         };
         self.data_frames += 1;
         let seq = seq.unwrap_or(self.data_frames);
+        if let Some(registry) = &self.shared.services.registry {
+            registry.record_message(device.as_str(), frame.len() as u64, now_ms());
+        }
+        if let (Some(commands), Some(command_id)) = (&self.shared.services.commands, &command_id) {
+            commands.result(&device, command_id, &frame);
+        }
         let mut event = Event::new(
             device,
             kind,
@@ -331,7 +347,7 @@ impl Connection {
                 .protocol_error("missing_device", "send a hello or a \"device\" field")
                 .await),
             (Some(named), None) => {
-                if self.shared.settings.auth == AuthMode::Token {
+                if self.shared.settings.auth != AuthMode::None {
                     self.auth_failed("a hello with a token is required first")
                         .await;
                     return Err(Some(CloseReason::Unauthorized));
@@ -357,22 +373,12 @@ impl Connection {
         if let Err(err) = validate_device_id(device) {
             return self.protocol_error(err.code(), &err.to_string()).await;
         }
-        if self.shared.settings.auth == AuthMode::Token {
-            let valid = token.is_some_and(|token| {
-                self.shared
-                    .settings
-                    .tokens
-                    .iter()
-                    .any(|known| constant_time_eq(known.as_bytes(), token.as_bytes()))
-            });
-            if !valid {
-                self.auth_failed("invalid token").await;
-                return Some(CloseReason::Unauthorized);
-            }
+        if let Err(reason) = self.authenticate(device, token) {
+            self.auth_failed(reason).await;
+            return Some(CloseReason::Unauthorized);
         }
         let device = DeviceId::new(device);
         if self.hello_device.as_ref() != Some(&device) {
-            tracing::Span::current().record("device", device.as_str());
             self.hello_device = Some(device.clone());
             if !self.devices.contains(&device) {
                 self.register(device.clone()).await;
@@ -390,6 +396,53 @@ impl Connection {
         }
     }
 
+    /// Checks a hello's credentials under the source's auth mode, with growing delays
+    /// after failures per peer address and per device.
+    fn authenticate(&self, device: &str, token: Option<&str>) -> Result<(), &'static str> {
+        let services = &self.shared.services;
+        let settings = &self.shared.settings;
+        let now = services.uptime();
+        let peer = self.peer_key();
+        if settings.auth == AuthMode::None {
+            return Ok(());
+        }
+        if services.throttle.check(&peer, now).is_err()
+            || services.throttle.check(device, now).is_err()
+        {
+            return Err("too many failed attempts; retry later");
+        }
+        let valid = match (settings.auth, token) {
+            (_, None) => false,
+            (AuthMode::Token, Some(token)) => settings
+                .tokens
+                .iter()
+                .any(|known| constant_time_eq(known.as_bytes(), token.as_bytes())),
+            (AuthMode::Registry, Some(token)) => match &services.registry {
+                // A JWT has two dots; anything else is the device secret.
+                Some(registry) if token.matches('.').count() == 2 => registry
+                    .authenticate_jwt(token)
+                    .is_ok_and(|subject| subject == device),
+                Some(registry) => registry.authenticate_secret(device, token).is_ok(),
+                None => false,
+            },
+            (AuthMode::None, Some(_)) => true,
+        };
+        if valid {
+            services.throttle.success(&peer);
+            services.throttle.success(device);
+            Ok(())
+        } else {
+            services.throttle.failure(&peer, now);
+            services.throttle.failure(device, now);
+            Err("invalid credentials")
+        }
+    }
+
+    /// The throttle key of this connection's peer address.
+    fn peer_key(&self) -> String {
+        format!("ip:{}", self.peer.ip())
+    }
+
     /// Makes the device reachable for commands and announces it online.
     async fn register(&mut self, device: DeviceId) {
         let handle = self.handle.get_or_insert_with(|| {
@@ -404,15 +457,25 @@ impl Connection {
                 close: self.close.clone(),
             }
         });
-        self.shared.directory.register(device.clone(), handle);
+        let services = &self.shared.services;
+        services.directory.register(device.clone(), handle);
+        if let Some(registry) = &services.registry {
+            registry.record_connected(device.as_str(), now_ms());
+        }
         if self.devices.is_empty() {
             // Name the connection's span after its (first) device: every later line says whose it is.
             tracing::Span::current().record("device", device.as_str());
         }
         self.devices.insert(device.clone());
         tracing::info!(device = %device, "device online");
-        self.status_event(device, Bytes::from_static(br#"{"status":"online"}"#))
-            .await;
+        self.status_event(
+            device.clone(),
+            Bytes::from_static(br#"{"status":"online"}"#),
+        )
+        .await;
+        if let Some(commands) = &self.shared.services.commands {
+            commands.deliver_pending(&device);
+        }
     }
 
     async fn status_event(&self, device: DeviceId, payload: Bytes) {
@@ -513,7 +576,10 @@ impl Connection {
         }
         self.stream.shutdown().await;
         for device in std::mem::take(&mut self.devices) {
-            self.shared.directory.unregister(&device, self.id);
+            self.shared.services.directory.unregister(&device, self.id);
+            if let Some(registry) = &self.shared.services.registry {
+                registry.record_disconnected(device.as_str(), now_ms());
+            }
             tracing::info!(device = %device, reason = reason.as_str(), "device offline");
             let payload = format!(r#"{{"status":"offline","reason":"{}"}}"#, reason.as_str());
             self.status_event(device, Bytes::from(payload)).await;

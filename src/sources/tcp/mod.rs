@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use self::stream::DeviceStream;
-use super::directory::DeviceDirectory;
+use super::DeviceServices;
 use crate::config::{AuthMode, FramingConfig, TcpSourceConfig};
 use crate::pipeline::SourceOutput;
 use crate::telemetry::Metrics;
@@ -57,8 +57,8 @@ pub struct SourceShared {
     pub settings: SourceSettings,
     /// Where events go.
     pub output: SourceOutput,
-    /// Connected devices, for commands.
-    pub directory: Arc<DeviceDirectory>,
+    /// Directory, registry, commands and auth throttle.
+    pub services: Arc<DeviceServices>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
     /// `fieldgate_connections{source}`.
@@ -99,7 +99,7 @@ impl TcpSource {
         name: &str,
         config: &TcpSourceConfig,
         output: SourceOutput,
-        directory: Arc<DeviceDirectory>,
+        services: Arc<DeviceServices>,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
@@ -131,7 +131,7 @@ impl TcpSource {
         let shared = SourceShared {
             settings,
             output,
-            directory,
+            services,
             connections: metrics.connections.get_or_create(&label).clone(),
             received: metrics.received_events.get_or_create(&label).clone(),
             metrics: Arc::clone(&metrics),
@@ -186,7 +186,8 @@ impl TcpSource {
                 None => {
                     let stream = DeviceStream::Plain(socket);
                     connections.spawn(
-                        connection::serve(shared, stream, id, shutdown, permit).instrument(span),
+                        connection::serve(shared, stream, peer, id, shutdown, permit)
+                            .instrument(span),
                     );
                 }
                 Some(acceptor) => {
@@ -201,7 +202,7 @@ impl TcpSource {
                                 Ok(Ok(stream)) => {
                                     let stream = DeviceStream::Tls(Box::new(stream));
                                     Box::pin(connection::serve(
-                                        shared, stream, id, shutdown, permit,
+                                        shared, stream, peer, id, shutdown, permit,
                                     ))
                                     .await;
                                 }

@@ -4,9 +4,20 @@
 //! an event never re-parses it. Binary payloads become base64 strings.
 
 use base64::Engine as _;
-use fieldgate_core::{Event, PayloadFormat};
+use serde::Deserialize;
 
-use crate::config::OutputFormat;
+use crate::{Event, PayloadFormat};
+
+/// How an event is written out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// `{"device", "kind", "received_at", "source", "payload"}`.
+    #[default]
+    Envelope,
+    /// The device's JSON unchanged.
+    Raw,
+}
 
 /// Appends one event in `format` to `out`.
 pub fn write_event(format: OutputFormat, event: &Event, out: &mut Vec<u8>) {
@@ -97,8 +108,8 @@ pub fn rfc3339_ms(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{DeviceId, EventKind};
     use bytes::Bytes;
-    use fieldgate_core::{DeviceId, EventKind};
 
     fn event(payload: &'static [u8], format: PayloadFormat) -> Event {
         let mut event = Event::new(

@@ -1,0 +1,207 @@
+//! The `/api/v1` router of the device registry and the state its handlers share: the
+//! registry, the admin token, the auth throttles and the HTTP ingestion output.
+//!
+//! These routes exist only when `[registry]` is configured. Failed authentications (admin
+//! token, device JWT, provisioning and refresh tokens) all go through [`V1State::auth_failed`]:
+//! one counter, one throttle per source address and one per device id.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use fieldgate_registry::{AuthThrottle, Registry, ThrottleConfig};
+use prometheus_client::metrics::counter::Counter;
+use tokio::time::Instant;
+
+use super::ingest::{self, HTTP_SOURCE, IngestOutput};
+use super::problem::ApiError;
+use super::{commands, devices, openapi, provisioning, registration};
+use crate::commands::CommandDispatcher;
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::SourceLabel;
+
+/// `source` label of `fieldgate_auth_failures_total` for a wrong admin token.
+pub const ADMIN_SOURCE: &str = "api_admin";
+/// `source` label of `fieldgate_auth_failures_total` for device credentials over HTTP.
+pub const DEVICE_SOURCE: &str = HTTP_SOURCE;
+
+/// What the `/api/v1` handlers share.
+pub struct V1State {
+    /// The device registry.
+    pub registry: Arc<Registry>,
+    /// `api.admin_token`; without it the admin routes answer 404.
+    pub admin_token: Option<String>,
+    /// Where `POST /api/v1/devices/{id}/telemetry` sends events.
+    pub ingest: IngestOutput,
+    /// Whether a sink lists `"http"` in `inputs`.
+    pub ingest_enabled: bool,
+    /// `Event::source` of ingested events.
+    pub source_name: Arc<str>,
+    /// `fieldgate_received_events_total{source="http"}`.
+    pub received: Counter,
+    metrics: Arc<Metrics>,
+    by_address: AuthThrottle,
+    by_device: AuthThrottle,
+    origin: Instant,
+    commands: std::sync::OnceLock<Arc<CommandDispatcher>>,
+}
+
+impl V1State {
+    /// State over `registry`, with default throttles.
+    pub fn new(
+        registry: Arc<Registry>,
+        admin_token: Option<String>,
+        ingest_enabled: bool,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self::with_throttle(
+            registry,
+            admin_token,
+            ingest_enabled,
+            metrics,
+            ThrottleConfig::default(),
+        )
+    }
+
+    /// State with a custom throttle policy (tests).
+    pub fn with_throttle(
+        registry: Arc<Registry>,
+        admin_token: Option<String>,
+        ingest_enabled: bool,
+        metrics: Arc<Metrics>,
+        throttle: ThrottleConfig,
+    ) -> Self {
+        let received = metrics
+            .received_events
+            .get_or_create(&SourceLabel {
+                source: HTTP_SOURCE.into(),
+            })
+            .clone();
+        Self {
+            registry,
+            admin_token,
+            ingest: IngestOutput::default(),
+            ingest_enabled,
+            source_name: Arc::from(HTTP_SOURCE),
+            received,
+            metrics,
+            by_address: AuthThrottle::new(throttle.clone()),
+            by_device: AuthThrottle::new(throttle),
+            origin: Instant::now(),
+            commands: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Routes submitted commands through `dispatcher`, so a connected device gets them
+    /// at once (without it they wait in the registry for the device's next connect).
+    pub fn attach_commands(&self, dispatcher: Arc<CommandDispatcher>) {
+        if self.commands.set(dispatcher).is_err() {
+            tracing::warn!("a command dispatcher was already attached to the API");
+        }
+    }
+
+    /// The attached command dispatcher, if any.
+    pub fn commands(&self) -> Option<Arc<CommandDispatcher>> {
+        self.commands.get().cloned()
+    }
+
+    /// 429 while `ip` (or `device`) is serving a delay for earlier failures.
+    pub fn check_throttle(&self, ip: IpAddr, device: Option<&str>) -> Result<(), ApiError> {
+        let now = self.origin.elapsed();
+        let mut wait = self.by_address.check(&ip.to_string(), now).err();
+        if let Some(Err(device_wait)) = device.map(|device| self.by_device.check(device, now)) {
+            wait = Some(wait.map_or(device_wait, |wait| wait.max(device_wait)));
+        }
+        match wait {
+            Some(wait) => Err(ApiError::throttled(wait)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed authentication and lengthens the delays of `ip` and `device`.
+    pub fn auth_failed(&self, ip: IpAddr, device: Option<&str>, source: &str) {
+        let now = self.origin.elapsed();
+        self.by_address.failure(&ip.to_string(), now);
+        if let Some(device) = device {
+            self.by_device.failure(device, now);
+            self.registry.record_error(device);
+        }
+        self.metrics
+            .auth_failures
+            .get_or_create(&SourceLabel {
+                source: source.into(),
+            })
+            .inc();
+        tracing::debug!(peer = %ip, device_id = device.unwrap_or("-"), source, "authentication failed");
+    }
+
+    /// Runs a registry call that may write to disk on the blocking pool.
+    pub async fn blocking<T, F>(&self, call: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Registry) -> T + Send + 'static,
+    {
+        let registry = Arc::clone(&self.registry);
+        tokio::task::spawn_blocking(move || call(&registry))
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "registry call failed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "Internal error",
+                    "the registry call did not finish; see the gateway log",
+                )
+            })
+    }
+}
+
+/// Every `/api/v1` route.
+pub fn router(state: Arc<V1State>) -> Router {
+    Router::new()
+        .route("/api/v1/openapi.json", get(openapi::document))
+        .route("/api/v1/devices", post(devices::create).get(devices::list))
+        .route(
+            "/api/v1/devices/register/challenge",
+            post(registration::challenge),
+        )
+        .route("/api/v1/devices/register", post(registration::register))
+        .route("/api/v1/auth/refresh", post(registration::refresh))
+        .route(
+            "/api/v1/devices/{id}",
+            get(devices::get)
+                .patch(devices::patch)
+                .delete(devices::delete),
+        )
+        .route("/api/v1/devices/{id}/rotate", post(devices::rotate))
+        .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
+        .route("/api/v1/devices/{id}/status", get(devices::status))
+        .route(
+            "/api/v1/devices/{id}/commands",
+            post(commands::submit).get(commands::list),
+        )
+        .route(
+            "/api/v1/devices/{id}/commands/{command_id}",
+            get(commands::get),
+        )
+        .route("/api/v1/devices/{id}/telemetry", post(ingest::telemetry))
+        .route(
+            "/api/v1/provisioning-tokens",
+            post(provisioning::create).get(provisioning::list),
+        )
+        .route(
+            "/api/v1/provisioning-tokens/{id}",
+            axum::routing::delete(provisioning::revoke),
+        )
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "Method not allowed",
+                "this route does not accept this method",
+            )
+        })
+        .with_state(state)
+}

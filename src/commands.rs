@@ -1,0 +1,171 @@
+//! Commands to devices: queued in the registry, delivered over the device's connection,
+//! tracked to a result.
+//!
+//! States: queued → sent (handed to the connection) → delivered (written to the socket)
+//! → succeeded / failed, or expired once the TTL passes in queued or sent. A command for
+//! an offline device waits in the registry and goes out when the device connects. Every
+//! end state reaches the cloud as a `command_result` event.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
+use fieldgate_registry::{Command, CommandState, NewCommand, Registry, RegistryError};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+
+use crate::pipeline::{Item, WeakIntake};
+use crate::sources::directory::{CommandError, DeviceCommand, DeviceDirectory};
+use crate::sources::now_ms;
+
+/// How often expired commands are looked for.
+const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
+
+/// Moves commands between the registry, connections and the cloud.
+pub struct CommandDispatcher {
+    registry: Arc<Registry>,
+    directory: Arc<DeviceDirectory>,
+    /// Every sink's intake, for results the gateway itself produces (expired); weak so
+    /// they never hold the pipeline open at shutdown. Set once the sinks exist.
+    results: std::sync::OnceLock<Vec<WeakIntake>>,
+}
+
+impl CommandDispatcher {
+    /// A dispatcher over `registry` and the connected devices.
+    pub fn new(registry: Arc<Registry>, directory: Arc<DeviceDirectory>) -> Self {
+        Self {
+            registry,
+            directory,
+            results: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Where gateway-made results go: every sink's intake.
+    pub fn open_results(&self, intakes: Vec<WeakIntake>) {
+        if self.results.set(intakes).is_err() {
+            tracing::warn!("command results were already connected");
+        }
+    }
+
+    /// Queues a command and hands it to the device at once if it is connected.
+    /// Idempotent by command id.
+    pub fn submit(&self, device: &str, command: NewCommand) -> Result<Command, RegistryError> {
+        let queued = self.registry.submit_command(device, command, now_ms())?;
+        if queued.state == CommandState::Queued {
+            self.deliver_pending(&DeviceId::new(device));
+        }
+        Ok(self
+            .registry
+            .get_command(device, &queued.id)
+            .unwrap_or(queued))
+    }
+
+    /// Hands every queued command of `device` to its connection (called when it connects).
+    pub fn deliver_pending(&self, device: &DeviceId) {
+        for command in self.registry.pending_commands(device.as_str(), now_ms()) {
+            let params = match RawValue::from_string(command.params.to_string()) {
+                Ok(params) => params,
+                Err(err) => {
+                    tracing::error!(device = %device, command = %command.id, error = %err, "command params not serialisable");
+                    continue;
+                }
+            };
+            let outgoing = DeviceCommand {
+                device: device.clone(),
+                id: command.id.clone(),
+                name: command.name.clone(),
+                params,
+            };
+            match self.directory.send(device, outgoing) {
+                Ok(()) => self.mark(device.as_str(), &command.id, CommandState::Sent, None),
+                // Offline or busy: it stays queued and is retried on the next connect.
+                Err(CommandError::Offline | CommandError::Busy) => break,
+            }
+        }
+    }
+
+    /// The connection wrote the command to the device.
+    pub fn delivered(&self, device: &DeviceId, command_id: &str) {
+        self.mark(device.as_str(), command_id, CommandState::Delivered, None);
+    }
+
+    /// The device answered: `status` "ok" is success, anything else failure.
+    pub fn result(&self, device: &DeviceId, command_id: &str, frame: &[u8]) {
+        let result: Option<serde_json::Value> = serde_json::from_slice(frame).ok();
+        let succeeded = result
+            .as_ref()
+            .and_then(|value| value.get("status"))
+            .and_then(|status| status.as_str())
+            == Some("ok");
+        let state = if succeeded {
+            CommandState::Succeeded
+        } else {
+            CommandState::Failed
+        };
+        self.mark(device.as_str(), command_id, state, result);
+    }
+
+    fn mark(
+        &self,
+        device: &str,
+        command_id: &str,
+        state: CommandState,
+        result: Option<serde_json::Value>,
+    ) {
+        if let Err(err) = self
+            .registry
+            .mark_command(device, command_id, state, result, now_ms())
+        {
+            // Unknown ids (a command sent without the registry, a late result) are not errors.
+            tracing::debug!(device, command = command_id, error = %err, "command state not updated");
+        }
+    }
+
+    /// Expires overdue commands every second until `stop`, reporting each upstream.
+    pub async fn run_expiry(self: Arc<Self>, stop: CancellationToken) {
+        let mut sweep = tokio::time::interval(EXPIRY_SWEEP);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = sweep.tick() => {}
+            }
+            for command in self.registry.expire_commands(now_ms()) {
+                tracing::info!(device = %command.device_id, command = %command.id, "command expired");
+                self.report(
+                    &command.device_id,
+                    &command.id,
+                    "expired",
+                    "command TTL passed before the device answered",
+                );
+            }
+        }
+    }
+
+    /// Sends a gateway-made `command_result` to every sink, without waiting: a full
+    /// intake loses the report (logged), never the command's state in the registry.
+    pub fn report(&self, device: &str, command_id: &str, status: &str, error: &str) {
+        let payload = serde_json::json!({ "type": "command_result", "id": command_id, "status": status, "error": error });
+        let event = Event::new(
+            DeviceId::new(device),
+            EventKind::CommandResult,
+            Arc::from("gateway"),
+            now_ms(),
+            PayloadFormat::Json,
+            Bytes::from(payload.to_string()),
+        );
+        for intake in self.results.get().into_iter().flatten() {
+            if !intake.try_send(Item {
+                event: event.clone(),
+                ack: None,
+            }) {
+                tracing::warn!(
+                    device,
+                    command = command_id,
+                    status,
+                    "command result not buffered: intake full or closed"
+                );
+            }
+        }
+    }
+}
