@@ -7,7 +7,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Device, Gateway, GatewayConfig, Mosquitto, Subscriber, free_port};
+use common::{Device, Gateway, GatewayConfig, Mosquitto, Pki, Subscriber, free_port, tls_device};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -17,10 +17,16 @@ const ADMIN: &str = "admin-secret-for-tests";
 
 /// A gateway whose TCP source authenticates against the registry.
 async fn start(broker: u16) -> Gateway {
+    start_with(broker, "").await
+}
+
+/// The same with extra TOML at the end (e.g. `[sources.devices.tls]`).
+async fn start_with(broker: u16, tail: &str) -> Gateway {
     let config = GatewayConfig::new(broker)
         .source("auth = \"registry\"")
         .source("max_errors = 100")
-        .tail("[registry]");
+        .tail("[registry]")
+        .tail(tail);
     let api_line = format!("address = \"127.0.0.1:{}\"", config.api_port);
     let text = config.render().replacen(
         &api_line,
@@ -313,4 +319,58 @@ async fn commands_wait_for_offline_devices_until_their_ttl() {
     assert_eq!(status, 202);
     let command = device.expect_type("command", Duration::from_secs(5)).await;
     assert_eq!(command["id"], "c-now");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificate_names_a_registered_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = Pki::generate(dir.path());
+    let path = |p: &std::path::Path| p.display().to_string().replace('\\', "/");
+    let tls = format!(
+        "[sources.devices.tls]\ncert = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"",
+        path(&pki.server_cert),
+        path(&pki.server_key),
+        path(&pki.ca)
+    );
+    let broker = Mosquitto::start(free_port()).await;
+    let sub = Subscriber::connect(broker.port).await;
+    let gateway = start_with(broker.port, &tls).await;
+    let devices = gateway_device_addr(&gateway);
+
+    // The test PKI's client certificate has CN "gw-1": unknown to the registry yet.
+    let mut unknown = tls_device(devices, &pki, true).await.expect("TLS connect");
+    let reply = unknown
+        .read_json(Duration::from_secs(5))
+        .await
+        .expect("a reply")
+        .expect("an error frame");
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
+    unknown.expect_closed(Duration::from_secs(5)).await;
+
+    // Registered: the certificate alone authenticates; no hello, no secret.
+    add_device(&gateway, "gw-1").await;
+    let mut device = tls_device(devices, &pki, true).await.expect("TLS connect");
+    device
+        .send_json(&json!({"seq": 1, "temp": 21}))
+        .await
+        .expect("send");
+    assert!(
+        sub.wait_until(Duration::from_secs(20), |msgs| msgs
+            .iter()
+            .any(|m| m.topic == "gateways/gw-1/devices/gw-1/telemetry"))
+            .await,
+        "telemetry from the certified device did not arrive"
+    );
+
+    // Revoked: the session ends, and the certificate no longer gets in.
+    let (status, _) = api(gateway.api, "POST", "/api/v1/devices/gw-1/revoke", None).await;
+    assert_eq!(status, 200);
+    device.expect_closed(Duration::from_secs(1)).await;
+    let mut again = tls_device(devices, &pki, true).await.expect("TLS connect");
+    let reply = again
+        .read_json(Duration::from_secs(5))
+        .await
+        .expect("a reply")
+        .expect("an error frame");
+    assert_eq!(reply["code"], "unauthorized", "{reply}");
 }

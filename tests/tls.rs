@@ -6,16 +6,12 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
     BrokerOptions, BrokerTls, Collector, Device, Gateway, GatewayConfig, Mosquitto, Pki,
-    Subscriber, data_message, device_names, expected, free_port,
+    Subscriber, data_message, device_names, expected, free_port, tls_device,
 };
-use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 fn toml_path(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -104,40 +100,6 @@ async fn mqtts_with_ca_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtts_with_mutual_tls() {
     mqtts_delivers(true).await;
-}
-
-async fn tls_device(
-    addr: SocketAddr,
-    pki: &Pki,
-    client_cert: bool,
-) -> std::io::Result<Device<TlsStream<TcpStream>>> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(pki.ca_der.clone()).expect("add CA");
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("protocol versions")
-    .with_root_certificates(roots);
-    let config = if client_cert {
-        builder
-            .with_client_auth_cert(
-                vec![pki.client_cert_der.clone()],
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pki.client_key_der.clone())),
-            )
-            .expect("client cert")
-    } else {
-        builder.with_no_client_auth()
-    };
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from("localhost").expect("server name");
-    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-        .await
-        .map_err(|_| {
-            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout")
-        })??;
-    Ok(Device::new(stream))
 }
 
 async fn tls_listener_delivers(client_ca: bool) {

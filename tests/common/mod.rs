@@ -1490,3 +1490,41 @@ impl Pki {
         }
     }
 }
+
+/// Connects to a TLS device listener, trusting the test CA, optionally with the client
+/// certificate (mutual TLS).
+pub async fn tls_device(
+    addr: SocketAddr,
+    pki: &Pki,
+    client_cert: bool,
+) -> std::io::Result<Device<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.ca_der.clone()).expect("add CA");
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots);
+    let config = if client_cert {
+        builder
+            .with_client_auth_cert(
+                vec![pki.client_cert_der.clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    rustls::pki_types::PrivatePkcs8KeyDer::from(pki.client_key_der.clone()),
+                ),
+            )
+            .expect("client cert")
+    } else {
+        builder.with_no_client_auth()
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("server name");
+    let stream = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timeout")
+        })??;
+    Ok(Device::new(stream))
+}

@@ -73,8 +73,10 @@ struct Connection {
     decoder: FrameDecoder,
     /// Partial frame bytes; empty (no allocation) between frames.
     buf: BytesMut,
-    /// The device named by a hello, if any.
+    /// The device named by a hello (or by a client certificate), if any.
     hello_device: Option<DeviceId>,
+    /// The device a verified client certificate names, under `auth = "registry"`.
+    certified: Option<DeviceId>,
     /// Every device registered for commands by this connection.
     devices: HashSet<DeviceId>,
     /// Set once a device registers: how the directory reaches this connection.
@@ -113,6 +115,7 @@ pub async fn serve(
         decoder,
         buf: BytesMut::new(),
         hello_device: None,
+        certified: None,
         devices: HashSet::new(),
         handle: None,
         commands_rx: None,
@@ -133,6 +136,9 @@ pub async fn serve(
 
 impl Connection {
     async fn run(&mut self) -> CloseReason {
+        if let Some(reason) = self.accept_certificate().await {
+            return reason;
+        }
         let settings_idle = self.shared.settings.idle_timeout;
         let mut last_activity = Instant::now();
         let mut frame_started: Option<Instant> = None;
@@ -396,6 +402,28 @@ impl Connection {
         }
     }
 
+    /// Under `auth = "registry"`, a client certificate whose common name is a registered,
+    /// unrevoked device authenticates the connection as that device: no hello needed.
+    async fn accept_certificate(&mut self) -> Option<CloseReason> {
+        if self.shared.settings.auth != AuthMode::Registry {
+            return None;
+        }
+        let name = self.stream.certified_name()?;
+        let registry = self.shared.services.registry.as_ref()?;
+        let valid =
+            validate_device_id(&name).is_ok() && registry.authenticate_certificate(&name).is_ok();
+        if !valid {
+            self.auth_failed("the client certificate names no registered device")
+                .await;
+            return Some(CloseReason::Unauthorized);
+        }
+        let device = DeviceId::new(&name);
+        self.certified = Some(device.clone());
+        self.hello_device = Some(device.clone());
+        self.register(device).await;
+        None
+    }
+
     /// Checks a hello's credentials under the source's auth mode, with growing delays
     /// after failures per peer address and per device.
     fn authenticate(&self, device: &str, token: Option<&str>) -> Result<(), &'static str> {
@@ -403,7 +431,12 @@ impl Connection {
         let settings = &self.shared.settings;
         let now = services.uptime();
         let peer = self.peer_key();
-        if settings.auth == AuthMode::None {
+        if settings.auth == AuthMode::None
+            || self
+                .certified
+                .as_ref()
+                .is_some_and(|certified| certified.as_str() == device)
+        {
             return Ok(());
         }
         if services.throttle.check(&peer, now).is_err()

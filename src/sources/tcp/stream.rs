@@ -44,6 +44,24 @@ impl DeviceStream {
         }
     }
 
+    /// The common name of the client certificate, when the peer presented one (mutual
+    /// TLS; the listener's verifier has already checked it against `client_ca`).
+    pub fn certified_name(&self) -> Option<String> {
+        let DeviceStream::Tls(stream) = self else {
+            return None;
+        };
+        let certificate = stream.get_ref().1.peer_certificates()?.first()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+        let name = parsed
+            .subject()
+            .iter_common_name()
+            .next()?
+            .as_str()
+            .ok()?
+            .to_owned();
+        Some(name)
+    }
+
     /// Writes all of `data`.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
