@@ -77,7 +77,7 @@ impl CommandDispatcher {
                 name: command.name.clone(),
                 params,
             };
-            match self.directory.send(device, outgoing) {
+            match self.directory.send(outgoing) {
                 Ok(()) => self.mark(device.as_str(), &command.id, CommandState::Sent, None),
                 // Offline or busy: it stays queued and is retried on the next connect.
                 Err(CommandError::Offline | CommandError::Busy) => break,

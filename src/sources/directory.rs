@@ -2,14 +2,16 @@
 //!
 //! A connection registers each device it speaks for; the newest connection of a device
 //! wins. Sinks and the API look devices up here to deliver commands; revocation closes
-//! a device's connection through its close token.
+//! a device's connection. Queued commands live here, not in the connection: an idle
+//! connection holds only a small [`ConnectionSignal`], no channel.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use fieldgate_core::DeviceId;
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Commands queued per connection before `send` reports the device busy.
@@ -39,78 +41,122 @@ pub enum CommandError {
     Busy,
 }
 
-struct Entry {
-    connection: u64,
-    commands: mpsc::Sender<Box<DeviceCommand>>,
-    close: CancellationToken,
+/// Wakes one connection: commands are waiting for it, or it must close.
+#[derive(Default)]
+pub struct ConnectionSignal {
+    commands: Notify,
+    close: Notify,
+    closing: AtomicBool,
 }
 
-/// How to reach one connection.
-pub struct ConnectionHandle {
-    /// The connection's id, unique within the process.
-    pub connection: u64,
-    /// Commands for the connection's devices.
-    pub commands: mpsc::Sender<Box<DeviceCommand>>,
-    /// Cancelled to close the connection (credentials revoked).
-    pub close: CancellationToken,
+impl ConnectionSignal {
+    /// Resolves once commands may be waiting (call [`DeviceDirectory::take_command`]).
+    pub async fn commands_waiting(&self) {
+        self.commands.notified().await;
+    }
+
+    /// Resolves once the connection has been told to close.
+    pub async fn close_requested(&self) {
+        while !self.closing.load(Ordering::Acquire) {
+            self.close.notified().await;
+        }
+    }
+
+    fn request_close(&self) {
+        self.closing.store(true, Ordering::Release);
+        // A stored permit: the connection sees it even if it is not waiting right now.
+        self.close.notify_one();
+    }
+}
+
+struct Entry {
+    connection: u64,
+    signal: Arc<ConnectionSignal>,
+}
+
+#[derive(Default)]
+struct State {
+    devices: HashMap<DeviceId, Entry>,
+    /// Commands not yet taken, per connection; absent when none.
+    queued: HashMap<u64, VecDeque<DeviceCommand>>,
 }
 
 /// The connected devices of every source.
 #[derive(Default)]
 pub struct DeviceDirectory {
-    devices: Mutex<HashMap<DeviceId, Entry>>,
+    state: Mutex<State>,
 }
 
 impl DeviceDirectory {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<DeviceId, Entry>> {
-        self.devices
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The connection of `handle` now speaks for `device`.
-    pub fn register(&self, device: DeviceId, handle: &ConnectionHandle) {
+    /// Connection `connection` (woken through `signal`) now speaks for `device`.
+    pub fn register(&self, device: DeviceId, connection: u64, signal: &Arc<ConnectionSignal>) {
         let entry = Entry {
-            connection: handle.connection,
-            commands: handle.commands.clone(),
-            close: handle.close.clone(),
+            connection,
+            signal: Arc::clone(signal),
         };
-        self.lock().insert(device, entry);
-    }
-
-    /// Closes the connection speaking for `device`; false if it is not connected.
-    pub fn close(&self, device: &DeviceId) -> bool {
-        match self.lock().get(device) {
-            Some(entry) => {
-                entry.close.cancel();
-                true
-            }
-            None => false,
-        }
+        self.lock().devices.insert(device, entry);
     }
 
     /// `connection` closed; forget `device` unless a newer connection took it over.
     pub fn unregister(&self, device: &DeviceId, connection: u64) {
-        let mut devices = self.lock();
-        if devices
+        let mut state = self.lock();
+        if state
+            .devices
             .get(device)
             .is_some_and(|entry| entry.connection == connection)
         {
-            devices.remove(device);
+            state.devices.remove(device);
         }
     }
 
-    /// Queues `command` for `device`.
-    pub fn send(&self, device: &DeviceId, command: DeviceCommand) -> Result<(), CommandError> {
-        let devices = self.lock();
-        let entry = devices.get(device).ok_or(CommandError::Offline)?;
-        entry
-            .commands
-            .try_send(Box::new(command))
-            .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => CommandError::Busy,
-                mpsc::error::TrySendError::Closed(_) => CommandError::Offline,
-            })
+    /// `connection` is gone: drop what was queued for it.
+    pub fn forget_connection(&self, connection: u64) {
+        self.lock().queued.remove(&connection);
+    }
+
+    /// Queues `command` for the connection of its device and wakes it.
+    pub fn send(&self, command: DeviceCommand) -> Result<(), CommandError> {
+        let mut state = self.lock();
+        let (connection, signal) = match state.devices.get(&command.device) {
+            Some(entry) => (entry.connection, Arc::clone(&entry.signal)),
+            None => return Err(CommandError::Offline),
+        };
+        let queue = state.queued.entry(connection).or_default();
+        if queue.len() >= COMMAND_QUEUE {
+            return Err(CommandError::Busy);
+        }
+        queue.push_back(command);
+        drop(state);
+        signal.commands.notify_one();
+        Ok(())
+    }
+
+    /// The next command queued for `connection`, oldest first.
+    pub fn take_command(&self, connection: u64) -> Option<DeviceCommand> {
+        let mut state = self.lock();
+        let queue = state.queued.get_mut(&connection)?;
+        let command = queue.pop_front();
+        if queue.is_empty() {
+            state.queued.remove(&connection);
+        }
+        command
+    }
+
+    /// Tells the connection speaking for `device` to close; false if it is not connected.
+    pub fn close(&self, device: &DeviceId) -> bool {
+        match self.lock().devices.get(device) {
+            Some(entry) => {
+                entry.signal.request_close();
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -144,45 +190,40 @@ pub async fn close_revoked(
 mod tests {
     use super::*;
 
-    fn command() -> DeviceCommand {
+    fn command(device: &str) -> DeviceCommand {
         DeviceCommand {
-            device: DeviceId::new("d1"),
+            device: DeviceId::new(device),
             id: "c".into(),
             name: "n".into(),
             params: RawValue::from_string("{}".into()).unwrap(),
         }
     }
 
-    #[test]
-    fn newest_connection_wins_and_old_close_keeps_it() {
+    #[tokio::test]
+    async fn newest_connection_wins_and_old_close_keeps_it() {
         let directory = DeviceDirectory::default();
         let device = DeviceId::new("d1");
-        let (old_tx, _old_rx) = mpsc::channel(1);
-        let (new_tx, mut new_rx) = mpsc::channel(1);
-        let old = ConnectionHandle {
-            connection: 1,
-            commands: old_tx,
-            close: CancellationToken::new(),
-        };
-        let new = ConnectionHandle {
-            connection: 2,
-            commands: new_tx,
-            close: CancellationToken::new(),
-        };
-        directory.register(device.clone(), &old);
-        directory.register(device.clone(), &new);
+        let old = Arc::new(ConnectionSignal::default());
+        let new = Arc::new(ConnectionSignal::default());
+        directory.register(device.clone(), 1, &old);
+        directory.register(device.clone(), 2, &new);
         directory.unregister(&device, 1);
-        directory.send(&device, command()).unwrap();
-        assert!(new_rx.try_recv().is_ok());
-        assert_eq!(directory.send(&device, command()), Ok(()));
-        assert_eq!(directory.send(&device, command()), Err(CommandError::Busy));
+        directory.send(command("d1")).unwrap();
+        new.commands_waiting().await;
+        assert!(directory.take_command(2).is_some());
+        assert!(directory.take_command(2).is_none());
+        assert!(directory.take_command(1).is_none());
+        for _ in 0..COMMAND_QUEUE {
+            directory.send(command("d1")).unwrap();
+        }
+        assert_eq!(directory.send(command("d1")), Err(CommandError::Busy));
+        directory.forget_connection(2);
+        assert!(directory.take_command(2).is_none());
         assert!(directory.close(&device));
-        assert!(new.close.is_cancelled() && !old.close.is_cancelled());
+        new.close_requested().await;
+        assert!(!old.closing.load(Ordering::Acquire));
         directory.unregister(&device, 2);
         assert!(!directory.close(&device));
-        assert_eq!(
-            directory.send(&device, command()),
-            Err(CommandError::Offline)
-        );
+        assert_eq!(directory.send(command("d1")), Err(CommandError::Offline));
     }
 }

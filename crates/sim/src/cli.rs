@@ -1,5 +1,6 @@
 //! Command-line interface: subcommands and their options.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -147,6 +148,10 @@ pub struct TargetArgs {
     /// Token for the hello (implies --hello).
     #[arg(long)]
     pub token: Option<String>,
+    /// JSON object mapping device id -> token: each hello carries its device's own token
+    /// (implies --hello). tcp/idle need a token for every PREFIX-N; storm cycles through the file's devices.
+    #[arg(long, value_name = "FILE", conflicts_with = "token")]
+    pub tokens: Option<PathBuf>,
     /// Connect with TLS.
     #[arg(long)]
     pub tls: bool,
@@ -161,7 +166,7 @@ pub struct TargetArgs {
 impl TargetArgs {
     /// True when a hello is sent.
     pub fn sends_hello(&self) -> bool {
-        self.hello || self.token.is_some()
+        self.hello || self.token.is_some() || self.tokens.is_some()
     }
 
     /// TLS options when --tls is on.
@@ -265,7 +270,7 @@ pub struct StormArgs {
     /// Connections in flight at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency: u32,
-    /// Device ids are PREFIX-1, PREFIX-2, ... (used in hellos).
+    /// Device ids are PREFIX-1, PREFIX-2, ... (used in hellos; with --tokens, the file's ids instead).
     #[arg(long, default_value = "dev", value_parser = parse_prefix)]
     pub prefix: String,
 }

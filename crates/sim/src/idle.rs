@@ -18,6 +18,7 @@ use crate::cli::IdleArgs;
 use crate::net::{self, Connector};
 use crate::stats::{self, Counters, ErrorLog, ErrorSummary};
 use crate::template::{DEFAULT_TEMPLATE, PayloadTemplate, Vars, hello_json};
+use crate::tokens::HelloTokens;
 
 /// How long one connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,6 +52,7 @@ pub struct IdleSummary {
 struct Idle {
     args: IdleArgs,
     connector: Connector,
+    tokens: HelloTokens,
     counters: Counters,
     errors: ErrorLog,
     attempts_done: AtomicU64,
@@ -62,6 +64,8 @@ struct Idle {
 pub async fn run(args: IdleArgs, cancel: CancellationToken) -> anyhow::Result<IdleSummary> {
     let devices = usize::try_from(args.devices)?;
     net::warn_if_fd_limit_low(devices);
+    let tokens = HelloTokens::load(&args.target)?;
+    tokens.check_covers((1..=devices).map(|n| format!("{}-{n}", args.prefix)))?;
     let connector = Connector::new(
         &args.target.target,
         args.target.tls(),
@@ -71,6 +75,7 @@ pub async fn run(args: IdleArgs, cancel: CancellationToken) -> anyhow::Result<Id
     let idle = Arc::new(Idle {
         args,
         connector,
+        tokens,
         counters: Counters::default(),
         errors: ErrorLog::default(),
         attempts_done: AtomicU64::new(0),
@@ -182,10 +187,7 @@ async fn connection(idle: Arc<Idle>, slot: usize) {
     let framing = idle.args.target.framing;
     let mut out = Vec::new();
     if idle.args.target.sends_hello() {
-        framing.encode(
-            hello_json(&id, idle.args.target.token.as_deref()).as_bytes(),
-            &mut out,
-        );
+        framing.encode(hello_json(&id, idle.tokens.get(&id)).as_bytes(), &mut out);
     }
     if idle.args.message {
         if let Ok(template) = PayloadTemplate::parse(DEFAULT_TEMPLATE, 0) {

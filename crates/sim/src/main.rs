@@ -20,6 +20,7 @@ mod storm;
 mod subscriber;
 mod tcp;
 mod template;
+mod tokens;
 mod tracker;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::mqtt::{BrokerUrl, MqttPlan};
 use crate::net::Connector;
 use crate::run::{DeviceModel, RunShared, SubscribeSpec};
 use crate::tcp::TcpPlan;
+use crate::tokens::HelloTokens;
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -86,6 +88,8 @@ async fn run_tcp(args: TcpArgs, cancel: CancellationToken) -> anyhow::Result<()>
         measures,
     )?;
     net::warn_if_fd_limit_low(model.devices());
+    let tokens = HelloTokens::load(&args.target)?;
+    tokens.check_covers((0..model.devices()).map(|slot| model.ids.name(slot)))?;
     let connector = Connector::new(
         &args.target.target,
         args.target.tls(),
@@ -98,7 +102,7 @@ async fn run_tcp(args: TcpArgs, cancel: CancellationToken) -> anyhow::Result<()>
         connector,
         framing: args.target.framing,
         hello: args.target.sends_hello(),
-        token: args.target.token.clone(),
+        tokens,
         ack: args.ack,
         model,
     });

@@ -21,6 +21,7 @@ use crate::framing::MAX_REPLY;
 use crate::net::{self, BoxConn, Connector};
 use crate::stats::{self, ErrorLog, ErrorSummary};
 use crate::template::hello_json;
+use crate::tokens::HelloTokens;
 use crate::tracker::LatencySummary;
 
 /// How long one connect (or welcome) may take.
@@ -53,6 +54,9 @@ pub struct StormSummary {
 struct Storm {
     args: StormArgs,
     connector: Connector,
+    tokens: HelloTokens,
+    /// With --tokens, the devices cycled through (else PREFIX-1, PREFIX-2, ...).
+    devices: Vec<String>,
     connects: AtomicU64,
     failures: AtomicU64,
     attempts: AtomicU64,
@@ -67,10 +71,13 @@ pub async fn run(args: StormArgs, cancel: CancellationToken) -> anyhow::Result<S
         args.target.allow_remote,
     )
     .await?;
+    let tokens = HelloTokens::load(&args.target)?;
     let concurrency = args.concurrency;
     let storm = Arc::new(Storm {
         args,
         connector,
+        devices: tokens.devices(),
+        tokens,
         connects: AtomicU64::new(0),
         failures: AtomicU64::new(0),
         attempts: AtomicU64::new(0),
@@ -131,7 +138,10 @@ impl Storm {
     /// One connect (+ hello/welcome) + close; true when it counted as accepted.
     async fn once(&self) -> bool {
         let n = self.attempts.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{}", self.args.prefix, n % 1_000_000 + 1);
+        let id = match u64::try_from(self.devices.len()) {
+            Ok(len) if len > 0 => self.devices[usize::try_from(n % len).unwrap_or(0)].clone(),
+            _ => format!("{}-{}", self.args.prefix, n % 1_000_000 + 1),
+        };
         let mut conn = match timeout(STEP_TIMEOUT, self.connector.connect()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(error)) => {
@@ -189,10 +199,7 @@ impl Storm {
     async fn hello(&self, id: &str, conn: &mut BoxConn) -> Result<(), String> {
         let framing = self.args.target.framing;
         let mut out = Vec::new();
-        framing.encode(
-            hello_json(id, self.args.target.token.as_deref()).as_bytes(),
-            &mut out,
-        );
+        framing.encode(hello_json(id, self.tokens.get(id)).as_bytes(), &mut out);
         conn.write_all(&out)
             .await
             .map_err(|e| format!("write hello: {e}"))?;

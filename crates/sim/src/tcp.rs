@@ -19,6 +19,7 @@ use crate::pacing::{Backoff, Pacer};
 use crate::run::{DeviceModel, RunShared};
 use crate::stats::{self, Counters};
 use crate::template::{RandomWalk, Vars, hello_json, json_string};
+use crate::tokens::HelloTokens;
 
 /// Most messages written in one go when unpaced without acks.
 const UNPACED_BATCH: usize = 64;
@@ -37,8 +38,8 @@ pub struct TcpPlan {
     pub framing: Framing,
     /// Send a hello first.
     pub hello: bool,
-    /// Token for the hello.
-    pub token: Option<String>,
+    /// Token for each device's hello.
+    pub tokens: HelloTokens,
     /// Ack mode.
     pub ack: bool,
 }
@@ -197,7 +198,7 @@ impl Device {
         let mut out = Vec::with_capacity(256);
         if plan.hello {
             plan.framing.encode(
-                hello_json(&self.id, plan.token.as_deref()).as_bytes(),
+                hello_json(&self.id, plan.tokens.get(&self.id)).as_bytes(),
                 &mut out,
             );
         }
@@ -450,7 +451,7 @@ mod tests {
             connector: Connector::new(&target, None, false).await.unwrap(),
             framing: Framing::Lines,
             hello: true,
-            token: None,
+            tokens: HelloTokens::default(),
             ack: true,
         });
         let run = Arc::new(RunShared::new(1, CancellationToken::new()));
@@ -492,7 +493,7 @@ mod tests {
                 .unwrap(),
             framing: Framing::LengthPrefixed,
             hello: false,
-            token: None,
+            tokens: HelloTokens::default(),
             ack: false,
         });
         let run = Arc::new(RunShared::new(1, CancellationToken::new()));

@@ -473,15 +473,12 @@ impl MqttSink<'_> {
             }
             return;
         }
-        let delivered = self.context.directory.send(
-            &device,
-            DeviceCommand {
-                device: device.clone(),
-                id: command.id,
-                name: command.name,
-                params,
-            },
-        );
+        let delivered = self.context.directory.send(DeviceCommand {
+            device: device.clone(),
+            id: command.id,
+            name: command.name,
+            params,
+        });
         match delivered {
             Ok(()) => {
                 tracing::info!(sink = self.buffer.sink(), %device, command = id, "command sent to device")

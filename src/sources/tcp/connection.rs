@@ -14,7 +14,6 @@ use fieldgate_codec::{
     DeviceMessage, FrameDecoder, Reply, encode_reply, parse_message, validate_device_id,
 };
 use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -22,7 +21,7 @@ use super::SourceShared;
 use super::stream::DeviceStream;
 use crate::config::AuthMode;
 use crate::pipeline::{AckOutcome, AckWaiter};
-use crate::sources::directory::{COMMAND_QUEUE, ConnectionHandle, DeviceCommand};
+use crate::sources::directory::ConnectionSignal;
 use crate::sources::now_ms;
 use crate::telemetry::metrics::ParseLabels;
 
@@ -79,19 +78,16 @@ struct Connection {
     certified: Option<DeviceId>,
     /// Every device registered for commands by this connection.
     devices: HashSet<DeviceId>,
-    /// Set once a device registers: how the directory reaches this connection.
-    handle: Option<ConnectionHandle>,
-    commands_rx: Option<mpsc::Receiver<Box<DeviceCommand>>>,
+    /// Set once a device registers: how the directory wakes this connection.
+    signal: Option<Arc<ConnectionSignal>>,
     pending_acks: VecDeque<(u64, AckWaiter)>,
     data_frames: u64,
     errors: u32,
     rate_window_start: Instant,
     rate_window_frames: u32,
     out: BytesMut,
-    /// The source's shutdown; `close` below is its child once a device registered.
+    /// The source's shutdown.
     shutdown: CancellationToken,
-    /// Cancelled on shutdown or when the directory closes this connection (revocation).
-    close: CancellationToken,
 }
 
 /// Serves one connection until it closes or `shutdown` fires.
@@ -117,26 +113,26 @@ pub async fn serve(
         hello_device: None,
         certified: None,
         devices: HashSet::new(),
-        handle: None,
-        commands_rx: None,
+        signal: None,
         pending_acks: VecDeque::new(),
         data_frames: 0,
         errors: 0,
         rate_window_start: Instant::now(),
         rate_window_frames: 0,
         out: BytesMut::new(),
-        close: shutdown.clone(),
         shutdown,
     };
     let reason = connection.run().await;
-    connection.close(reason).await;
+    // Boxed, like the other rarely-running paths below: an idle connection's task then
+    // holds only the small waiting state, not the largest path's locals.
+    Box::pin(connection.close(reason)).await;
     shared.connections.dec();
     drop(permit);
 }
 
 impl Connection {
     async fn run(&mut self) -> CloseReason {
-        if let Some(reason) = self.accept_certificate().await {
+        if let Some(reason) = Box::pin(self.accept_certificate()).await {
             return reason;
         }
         let settings_idle = self.shared.settings.idle_timeout;
@@ -151,22 +147,23 @@ impl Connection {
             let can_read = self.pending_acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
                 biased;
-                _ = self.close.cancelled() => return self.close_reason(),
+                _ = self.shutdown.cancelled() => return CloseReason::Shutdown,
+                () = close_requested(self.signal.as_deref()) => return CloseReason::Revoked,
                 outcome = front_ack(&mut self.pending_acks) => {
                     if let Some(seq) = self.pending_acks.pop_front().map(|(seq, _)| seq) {
                         let reply = match outcome {
                             AckOutcome::Stored => Reply::Ack { seq },
                             AckOutcome::Rejected(reason) => Reply::Nack { seq, reason },
                         };
-                        if !self.reply(&reply).await {
+                        if !Box::pin(self.reply(&reply)).await {
                             return CloseReason::WriteFailed;
                         }
                     }
                 }
-                command = next_command(&mut self.commands_rx) => {
-                    if let Some(command) = command {
+                () = commands_waiting(self.signal.as_deref()) => {
+                    while let Some(command) = self.shared.services.directory.take_command(self.id) {
                         let reply = Reply::Command { id: &command.id, name: &command.name, params: &command.params };
-                        if !self.reply(&reply).await {
+                        if !Box::pin(self.reply(&reply)).await {
                             return CloseReason::WriteFailed;
                         }
                         if let Some(commands) = &self.shared.services.commands {
@@ -179,7 +176,7 @@ impl Connection {
                         Ok(0) | Err(_) => return CloseReason::Disconnected,
                         Ok(_) => {
                             last_activity = Instant::now();
-                            if let Some(reason) = self.process_buffer().await {
+                            if let Some(reason) = Box::pin(self.process_buffer()).await {
                                 return reason;
                             }
                             if self.decoder.is_mid_frame(&self.buf) {
@@ -196,21 +193,12 @@ impl Connection {
                 }
                 () = sleep_until(deadline) => {
                     if frame_started.is_some_and(|started| Instant::now() >= started + self.shared.settings.frame_timeout) {
-                        self.protocol_error("frame_timeout", "frame not completed in time").await;
+                        Box::pin(self.protocol_error("frame_timeout", "frame not completed in time")).await;
                         return CloseReason::FrameTimeout;
                     }
                     return CloseReason::Idle;
                 }
             }
-        }
-    }
-
-    /// Why `close` fired: the whole source stopping, or this connection revoked.
-    fn close_reason(&self) -> CloseReason {
-        if self.shutdown.is_cancelled() {
-            CloseReason::Shutdown
-        } else {
-            CloseReason::Revoked
         }
     }
 
@@ -328,7 +316,8 @@ impl Connection {
         let waiter = tokio::select! {
             biased;
             waiter = self.shared.output.send(event, self.shared.settings.ack) => waiter,
-            _ = self.close.cancelled() => return Some(self.close_reason()),
+            _ = self.shutdown.cancelled() => return Some(CloseReason::Shutdown),
+            () = close_requested(self.signal.as_deref()) => return Some(CloseReason::Revoked),
         };
         if let Some(waiter) = waiter {
             self.pending_acks.push_back((seq, waiter));
@@ -478,20 +467,9 @@ impl Connection {
 
     /// Makes the device reachable for commands and announces it online.
     async fn register(&mut self, device: DeviceId) {
-        let handle = self.handle.get_or_insert_with(|| {
-            let (commands, receiver) = mpsc::channel(COMMAND_QUEUE);
-            self.commands_rx = Some(receiver);
-            // A child token per registered connection (not per idle one): revocation
-            // closes this connection alone.
-            self.close = self.shutdown.child_token();
-            ConnectionHandle {
-                connection: self.id,
-                commands,
-                close: self.close.clone(),
-            }
-        });
+        let signal = self.signal.get_or_insert_with(Arc::default);
         let services = &self.shared.services;
-        services.directory.register(device.clone(), handle);
+        services.directory.register(device.clone(), self.id, signal);
         if let Some(registry) = &services.registry {
             registry.record_connected(device.as_str(), now_ms());
         }
@@ -602,12 +580,13 @@ impl Connection {
                     AckOutcome::Stored => Reply::Ack { seq },
                     AckOutcome::Rejected(reason) => Reply::Nack { seq, reason },
                 };
-                if !self.reply(&reply).await {
+                if !Box::pin(self.reply(&reply)).await {
                     break;
                 }
             }
         }
         self.stream.shutdown().await;
+        self.shared.services.directory.forget_connection(self.id);
         for device in std::mem::take(&mut self.devices) {
             self.shared.services.directory.unregister(&device, self.id);
             if let Some(registry) = &self.shared.services.registry {
@@ -628,12 +607,18 @@ async fn front_ack(pending: &mut VecDeque<(u64, AckWaiter)>) -> AckOutcome {
     }
 }
 
-/// The next command for this connection; never resolves before a device registered.
-async fn next_command(
-    commands: &mut Option<mpsc::Receiver<Box<DeviceCommand>>>,
-) -> Option<Box<DeviceCommand>> {
-    match commands {
-        Some(receiver) => receiver.recv().await,
+/// Resolves when commands may be waiting; never before a device registered.
+async fn commands_waiting(signal: Option<&ConnectionSignal>) {
+    match signal {
+        Some(signal) => signal.commands_waiting().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the directory closes this connection; never before a device registered.
+async fn close_requested(signal: Option<&ConnectionSignal>) {
+    match signal {
+        Some(signal) => signal.close_requested().await,
         None => std::future::pending().await,
     }
 }
