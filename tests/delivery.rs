@@ -150,6 +150,44 @@ async fn raw_format_forwards_the_device_json_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_with_qos_by_kind_delivers_in_order() {
+    let broker = Mosquitto::start(free_port()).await;
+    let sub = Subscriber::connect(broker.port).await;
+    let config = GatewayConfig::new(broker.port)
+        .sink("protocol = \"5\"")
+        .sink("session_expiry = \"10m\"")
+        .sink("qos_by_kind = { telemetry = 2, status = 1 }");
+    let gateway = Gateway::start(&config.render()).await;
+
+    let names = device_names("v5", 10);
+    let _devices = send_all(&config, &names, 100).await;
+
+    let mut collector = Collector::default();
+    collector
+        .wait_all(&sub, &expected(&names, 100), Duration::from_secs(60))
+        .await;
+    assert!(
+        collector.order_violations().is_empty(),
+        "{:?}",
+        collector.order_violations()
+    );
+    // Every publish was acknowledged (PUBCOMP for the QoS 2 telemetry) and left the buffer.
+    gateway
+        .wait_metric(
+            "fieldgate_buffer_events",
+            &[("sink", "cloud")],
+            Duration::from_secs(30),
+            |v| v == 0.0,
+        )
+        .await;
+    let retained = sub
+        .messages()
+        .into_iter()
+        .any(|m| m.topic == "gateways/gw-1/status" && m.text() == "online");
+    assert!(retained, "no online status over MQTT 5");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batching_sends_arrays_to_the_batch_topic_complete_and_in_order() {
     let broker = Mosquitto::start(free_port()).await;
     let sub = Subscriber::connect(broker.port).await;
