@@ -5,7 +5,7 @@
 #
 #   scripts/bench.sh            full run (medians of 3; about 30-40 minutes on 2 cores)
 #   scripts/bench.sh quick      one run of each scenario, shorter steps (about 10 minutes)
-#   scripts/bench.sh quick load,storm   only some scenarios (idle,load,ramp,drain,restart,storm);
+#   scripts/bench.sh quick load,storm   only some scenarios (idle,load,ramp,drain,outage,restart,storm);
 #                                       the others are kept from the previous results file
 #
 # Needs: cargo, mosquitto + mosquitto_sub (mosquitto-clients), python3, stdbuf (coreutils).
@@ -13,7 +13,7 @@
 set -euo pipefail
 
 MODE=${1:-full}
-ONLY=${2:-idle,load,ramp,drain,restart,storm}
+ONLY=${2:-idle,load,ramp,drain,outage,restart,storm}
 case "$MODE" in quick|full) ;; *) echo "usage: $0 [quick|full] [scenario,...]" >&2; exit 2 ;; esac
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

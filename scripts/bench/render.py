@@ -68,6 +68,14 @@ def render(res):
         ["RLIMIT_NOFILE", m["nofile"]],
         ["binaries", f"{m.get('build', '?')} (fieldgate built {m.get('binary_mtime', '?')})"],
     ]))
+    runs = res.get("scenario_runs", {})
+    kept = {k: v for k, v in runs.items() if k in sc and (v.get("started") or "") < res["started"]}
+    if kept:
+        parts.append("\nSome tables were kept from earlier runs (`scripts/bench.sh MODE SCENARIOS` redoes only "
+                     "the named ones): " + "; ".join(
+                         f"{k}: `{v.get('mode')}` run of {v.get('started')}, commit {v.get('git')}"
+                         for k, v in kept.items())
+                     + ". The machine table describes the latest run.\n")
     targets = []  # (target, measured, met)
 
     # ---------------------------------------------------------------- idle
@@ -266,6 +274,60 @@ def render(res):
         targets.append(["≥ 5,000 connects/s", "; ".join(
             f"{'hello' if k else 'plain'} {f(v, 0)}/s" for k, v in cps.items()),
             "met" if low is not None and low >= 5000 else "not met"])
+
+    # ---------------------------------------------------------------- outage
+    if "outage" in sc:
+        o = sc["outage"]
+        parts.append(f"\n### 7. Upstream down 30 s under 5,000 msg/s\n\n"
+                     f"{o['devices']} devices × {o['rate']} msg/s ({o['devices'] * o['rate']:,} msg/s) for "
+                     f"{o['duration_s']} s, QoS 1 upstream (fieldgate: TCP in ack mode, so every sent message "
+                     "was stored before its ack; bridge: MQTT QoS 1 to the edge mosquitto, whose queue is "
+                     "unlimited with `max_queued_messages 0`). The cloud broker is stopped (SIGTERM) "
+                     f"{o['down_at_s']:g} s after the start and started again on the same port "
+                     f"{o['down_for_s']:g} s later, so sending goes on for about "
+                     f"{o['duration_s'] - o['down_at_s'] - o['down_for_s']:g} s after the restart. A "
+                     "subscriber on the cloud broker (persistent session, persistent broker) counts distinct "
+                     "(device, seq). *Backlog at the subscriber* = messages sent but not yet arrived, from the "
+                     "payloads' send times; it is *cleared* when it first falls to ≤ "
+                     f"{o.get('cleared_threshold', 1000):,} (0.2 s of traffic) after the restart. *Last arrival* "
+                     "counts from the restart's exec to the last message, so it includes the sending that "
+                     "goes on after the restart. Peak backlog in the gateway: `fieldgate_buffer_events` "
+                     "(polled every 0.25 s) for fieldgate, the edge mosquitto's "
+                     "`$SYS/broker/store/messages/count` (every 1 s) for the bridge. fieldgate retries the "
+                     "upstream every 1 s, the bridge about every 2 s (`restart_timeout 1 1`).\n")
+        out = []
+        agg = {}
+        whos = [w for w in ["fieldgate", "fieldgate, batching", "mosquitto bridge"]
+                if any(x["who"] == w for x in o["rows"])]
+        for who in whos:
+            g = [x for x in o["rows"] if x["who"] == who]
+            a = {k: med([x.get(k) for x in g]) for k in
+                 ["send_rate", "peak_backlog", "peak_backlog_sub", "first_s", "cleared_s", "last_s", "tail_s",
+                  "drain_rate", "hwm_kib", "cpu_pct"]}
+            agg[who] = a
+            lost = "?" if any(x.get("lost") is None for x in g) else f(sum(x["lost"] for x in g), 0)
+            out.append([who, ", ".join(f"{x['received']:,}/{(x.get('sent') or 0):,}" for x in g),
+                        lost, f(sum(x.get("duplicates") or 0 for x in g), 0),
+                        f(a["peak_backlog"], 0), f(a["peak_backlog_sub"], 0), f(a["first_s"], 2),
+                        f(a["cleared_s"], 2),
+                        f(a["drain_rate"], 0), f(a["last_s"], 2), f(a["tail_s"], 2),
+                        f(mib(a["hwm_kib"]), 1), f(a["cpu_pct"], 0), runs_note(g)])
+        br = agg.get("mosquitto bridge", {})
+        for row, who in zip(out, whos):
+            row.insert(8, ratio(agg[who]["cleared_s"], br.get("cleared_s")))
+        parts.append(table(["", "received / sent (each run)", "lost (all runs)", "duplicates (all runs)",
+                            "peak backlog in the gateway", "peak backlog at the subscriber",
+                            "first arrival s after restart", "backlog cleared s after restart", "vs bridge", "msg/s while clearing",
+                            "last arrival s after restart", "last arrival s after last send",
+                            "peak RSS MiB", "CPU %", "runs"], out))
+        per_run = "; ".join(
+            f"{x['who']} run {x['run'] + 1}: down at {x['down_at_s']} s, up at {x['up_at_s']} s, "
+            f"cleared {x.get('cleared_s')} s, last {x.get('last_s')} s after the restart, "
+            f"{f(x.get('send_rate'), 0)} msg/s sent"
+            + (f", {x['resent']} resent" if x.get("resent") else "")
+            + (f", {x['nacked']} nacked" if x.get("nacked") else "")
+            for x in o["rows"])
+        parts.append(f"\nPer run: {per_run}.\n")
 
     # ---------------------------------------------------------------- targets + commands
     parts.insert(1, "\n### Targets (issue 3)\n\n" + table(["target", "measured", ""], targets) + "\n")

@@ -245,6 +245,7 @@ class Bench:
             "scenarios": {},
         }
         self.runs = 1 if self.quick else 3
+        self.noted = set()  # command labels recorded by this run
 
     # ---- bookkeeping
 
@@ -260,8 +261,15 @@ class Bench:
                             self.out, self.args.render], check=False)
 
     def note_cmd(self, label, cmd):
-        if label not in self.results["commands"]:
+        # The first use in this run wins (commands kept from an earlier run are replaced).
+        if label not in self.noted:
+            self.noted.add(label)
             self.results["commands"][label] = " ".join(shlex.quote(c) for c in cmd)
+
+    def note_text(self, label, text):
+        if label not in self.noted:
+            self.noted.add(label)
+            self.results["commands"][label] = text
 
     def path(self, name):
         self.counter += 1
@@ -277,21 +285,28 @@ class Bench:
         if persist:
             os.makedirs(persist, exist_ok=True)
             lines += ["persistence true", f"persistence_location {persist}/"]
+            if os.geteuid() == 0:
+                # Started as root, mosquitto switches to the user "mosquitto", which cannot
+                # write into the 0700 work directory: it would never save its database.
+                lines.append("user root")
         with open(conf, "w") as f:
             f.write("\n".join(lines) + "\n" + extra)
         proc = start(["mosquitto", "-c", conf], conf + ".log")
         self.note_cmd(f"mosquitto ({name})", ["mosquitto", "-c", f"{name}.conf"])
-        self.results["commands"].setdefault(f"conf: {name}", open(conf).read())
+        self.note_text(f"conf: {name}", open(conf).read())
         if not wait_until(lambda: port_open(port), 10, what=f"mosquitto {name} on {port}"):
             raise RuntimeError(f"mosquitto {name} did not start, see {conf}.log")
         return proc, port, conf
 
     def bridge_conf(self, cloud_port):
+        # "restart_timeout 1 1": mosquitto 2.0.11 treats a single value as the base of its
+        # jittered backoff (cap 30 s; retries seen 5, 9-11, 23-29 s apart), not as a
+        # constant; base = cap = 1 retries about every 2 s.
         return ("connection cloud\n"
                 f"address 127.0.0.1:{cloud_port}\n"
                 "topic devices/# out 1\n"
                 "cleansession false\n"
-                "restart_timeout 1\n")
+                "restart_timeout 1 1\n")
 
     # ---- fieldgate
 
@@ -335,7 +350,7 @@ max_size = "{max_size}"
         with open(conf, "w") as f:
             f.write(text)
         label = f"fieldgate config ({'batch' if batch else 'no batch'}{', ack' if ack else ''}, max_size {max_size})"
-        self.results["commands"].setdefault(label, re.sub(r"\d{5}", "PORT", text.replace(data, "DATA")))
+        self.note_text(label, re.sub(r"\d{5}", "PORT", text.replace(data, "DATA")))
         cmd = [self.gw_bin, "run", "--config", conf]
         self.note_cmd("fieldgate", ["fieldgate", "run", "--config", "gw.toml"])
         t0 = time.monotonic()
@@ -701,6 +716,166 @@ max_size = "{max_size}"
                                                       "rows": rows}
                 self.save()
 
+    # ---- upstream outage under load
+
+    def outage_subscriber(self, port, client_id, topic, seen, lock):
+        """One mosquitto_sub (persistent session) feeding `seen`: (device, seq) ->
+        (arrival wall time, send time from the payload's "t", µs). Returns (proc, thread,
+        stats dict with the duplicates it saw)."""
+        cmd = ["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p", str(port), "-c",
+               "-i", client_id, "-q", "1", "-t", topic]
+        self.note_cmd("outage subscriber", [c if c != str(port) else "PORT" for c in cmd])
+        proc = start(cmd, self.path("outage-sub.log"), stdout=subprocess.PIPE)
+        pat = re.compile(rb'\{"device":"([^"]+)","seq":(\d+)(?:,"t":(\d+))?')
+        stats = {"duplicates": 0}
+
+        def reader():
+            for line in proc.stdout:
+                now = time.time()
+                with lock:
+                    for dev, seq, t in pat.findall(line):
+                        key = (dev, int(seq))
+                        if key in seen:
+                            stats["duplicates"] += 1
+                        else:
+                            seen[key] = (now, int(t) / 1e6 if t else None)
+
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        return proc, th, stats
+
+    def sampler(self, fn, interval):
+        """Calls fn() every `interval` s in a thread until the returned event is set;
+        the samples (wall time, value) go into the returned list."""
+        samples, halt = [], threading.Event()
+
+        def body():
+            while not halt.is_set():
+                v = fn()
+                if v is not None:
+                    samples.append((time.time(), v))
+                halt.wait(interval)
+
+        threading.Thread(target=body, daemon=True).start()
+        return samples, halt
+
+    def run_outage(self):
+        devices, rate, duration = 500, 10, 60
+        down_at, down_for = 15.0, 30.0
+        drain_timeout = 90 if self.quick else 120
+        rows = []
+        for run in range(self.runs):
+            for who in ["fieldgate", "fieldgate, batching", "mosquitto bridge"]:
+                bridge = who == "mosquitto bridge"
+                # Persistent cloud: the subscriber's session (and what is queued for it)
+                # survives the restart, so the subscriber itself cannot lose messages.
+                persist = self.path("outage-cloud-db")
+                cloud, cloud_port, cloud_conf = self.mosquitto("cloud-persistent", persist=persist)
+                topic = "devices/#" if bridge else "gateways/#"
+                sub_id = f"bench-outage-{os.getpid()}-{run}-{len(rows)}"
+                self.subscriber_register(cloud_port, sub_id, topic)
+                seen, lock = {}, threading.Lock()
+                sub, sub_th, sub_stats = self.outage_subscriber(cloud_port, sub_id, topic, seen, lock)
+                edge_sys = None
+                if bridge:
+                    # max_queued_messages 0 (unlimited, in every conf) lets the edge queue
+                    # the whole outage; sys_interval 1 publishes its store size every second.
+                    target, edge_port, _ = self.mosquitto(
+                        "edge-bridge-outage", self.bridge_conf(cloud_port) + "sys_interval 1\n")
+                    time.sleep(1.5)  # the bridge connects once (creates its session)
+                    backlog_samples = []
+                    edge_sys = start(["stdbuf", "-oL", "mosquitto_sub", "-h", "127.0.0.1", "-p",
+                                      str(edge_port), "-t", "$SYS/broker/store/messages/count"],
+                                     self.path("edge-sys.log"), stdout=subprocess.PIPE)
+
+                    def sys_reader(p=edge_sys, out=backlog_samples):
+                        for line in p.stdout:
+                            try:
+                                out.append((time.time(), int(line.strip())))
+                            except ValueError:
+                                pass
+
+                    threading.Thread(target=sys_reader, daemon=True).start()
+                    halt = None
+                    argv = ["mqtt", "--url", f"mqtt://127.0.0.1:{edge_port}", "--qos", "1",
+                            "--devices", str(devices), "--rate", str(rate),
+                            "--duration", str(duration)]
+                    label = "outage: 500 MQTT devices x 10 msg/s -> mosquitto bridge"
+                else:
+                    target, tcp, api, data, _ = self.gateway("outage", cloud_port, ack=True,
+                                                             batch=(who != "fieldgate"))
+                    time.sleep(1.5)
+                    backlog_samples, halt = self.sampler(
+                        lambda a=api: metric(a, "fieldgate_buffer_events"), 0.25)
+                    argv = ["tcp", "--target", f"127.0.0.1:{tcp}", "--ack", "--devices",
+                            str(devices), "--rate", str(rate), "--duration", str(duration)]
+                    label = "outage: 500 TCP devices x 10 msg/s, ack mode -> fieldgate"
+                meter = CpuMeter(target.pid)
+                t_start = time.time()
+                th, holder = self.sim_async(label, argv, duration + 180)
+                time.sleep(max(0.0, t_start + down_at - time.time()))
+                t_down = time.time()
+                stop(cloud)  # SIGTERM; persistence: it saves the sessions on the way out
+                stop(sub, signal.SIGTERM, 5)  # so that no two subscribers share the client id
+                with open(cloud_conf + ".log", errors="replace") as fh:
+                    saved = "Error saving" not in fh.read()
+                if not saved:
+                    log(f"outage {who}: the cloud broker could not save its database; the "
+                        "subscriber's session will not survive the restart")
+                sub_th.join(5)
+                dups = sub_stats["duplicates"]
+                log(f"outage {who}: cloud down at {t_down - t_start:.1f} s "
+                    f"({len(seen)} arrived so far)")
+                time.sleep(max(0.0, t_down + down_for - time.time()))
+                t_up = time.time()
+                cloud, _, _ = self.mosquitto("cloud-persistent", port=cloud_port, persist=persist)
+                sub, sub_th, sub_stats = self.outage_subscriber(cloud_port, sub_id, topic, seen, lock)
+                log(f"outage {who}: cloud up again at {t_up - t_start:.1f} s")
+                th.join(duration + 200)
+                res = holder.get("result", {})
+                sent = res.get("sent") or 0
+                t_sim_end = time.time()
+                wait_until(lambda: len(seen) >= sent, drain_timeout, 0.05,
+                           what=f"outage {who}: all {sent} messages upstream")
+                time.sleep(1.0)  # late duplicates
+                cpu = meter.percent()
+                hwm = hwm_kib(target.pid)
+                stop(sub, signal.SIGTERM, 5)
+                sub_th.join(5)
+                dups += sub_stats["duplicates"]
+                if halt is not None:
+                    halt.set()
+                buffer_after = None if bridge else metric(api, "fieldgate_buffer_events")
+                stop(edge_sys)
+                stop(target)
+                stop(cloud)
+                with lock:
+                    arrivals = dict(seen)
+                row = {"who": who, "run": run, "sent": res.get("sent"), "acked": res.get("acked"),
+                       "send_rate": res.get("send_rate"), "resent": res.get("resent"),
+                       "nacked": res.get("nacked"), "disconnects": res.get("disconnects"),
+                       "sim_error": res.get("error"), "received": len(arrivals),
+                       "lost": (sent - len(arrivals)) if res.get("sent") is not None else None,
+                       "duplicates": dups, "cpu_pct": cpu, "hwm_kib": hwm,
+                       "down_at_s": round(t_down - t_start, 2), "up_at_s": round(t_up - t_start, 2),
+                       "sim_end_s": round(t_sim_end - t_start, 2),
+                       "buffer_events_after": buffer_after, "cloud_saved_session": saved,
+                       "missing": missing_summary(arrivals, rate),
+                       "backlog_metric": "edge $SYS/broker/store/messages/count" if bridge
+                       else "fieldgate_buffer_events",
+                       "peak_backlog": max((v for _, v in backlog_samples), default=None),
+                       **outage_timeline(arrivals, t_start, t_down, t_up)}
+                rows.append(row)
+                log(f"outage {who}: received {row['received']}/{res.get('sent')} lost {row['lost']} "
+                    f"dups {dups}; cleared {row['cleared_s']} s, last arrival {row['last_s']} s after "
+                    f"the restart; peak backlog {row['peak_backlog']} ({row['backlog_metric']}), "
+                    f"{row['peak_backlog_sub']} at the subscriber")
+                self.results["scenarios"]["outage"] = {
+                    "devices": devices, "rate": rate, "duration_s": duration, "down_at_s": down_at,
+                    "down_for_s": down_for, "cleared_threshold": OUTAGE_CLEARED, "rows": rows}
+                self.save()
+
+
     # ---- restart with a big buffer
 
     def run_restart(self):
@@ -785,6 +960,65 @@ max_size = "{max_size}"
                                                       "rows": rows}
                 self.save()
         stop(cloud)
+
+
+OUTAGE_CLEARED = 1000  # messages outstanding (0.2 s of traffic at 5,000 msg/s)
+
+
+def missing_summary(arrivals, rate):
+    """Gaps in each device's seq numbers, as counts per second of sending (seq / rate),
+    to tell an outage-edge loss from a tail loss. Only gaps below a device's highest
+    seq that arrived are seen."""
+    per_dev = {}
+    for dev, seq in arrivals:
+        per_dev.setdefault(dev, []).append(seq)
+    buckets = {}
+    for seqs in per_dev.values():
+        have = set(seqs)
+        for q in range(min(seqs), max(seqs)):
+            if q not in have:
+                b = int(q / rate)
+                buckets[b] = buckets.get(b, 0) + 1
+    return {str(k): buckets[k] for k in sorted(buckets)}
+
+
+def outage_timeline(arrivals, t_start, t_down, t_up, step=0.05):
+    """From {key: (arrival time, send time)}: the backlog seen by the subscriber
+    (messages sent but not yet arrived) over time, its peak, and when it was cleared
+    after the restart. Messages that never arrived do not count (their send time is
+    unknown); they show up as "lost"."""
+    import bisect
+    sends = sorted(s for _, s in arrivals.values() if s is not None)
+    arr = sorted(a for a, _ in arrivals.values())
+    out = {"peak_backlog_sub": None, "first_s": None, "cleared_s": None, "last_s": None,
+           "tail_s": None, "drain_rate": None, "backlog_1s": []}
+    if not arr or not sends:
+        return out
+    i = bisect.bisect_right(arr, t_up)
+    if i < len(arr):
+        out["first_s"] = round(arr[i] - t_up, 2)  # first arrival after the restart
+    out["last_s"] = round(arr[-1] - t_up, 2)
+    out["tail_s"] = round(arr[-1] - sends[-1], 2)  # last arrival after the last send
+    peak, cleared = 0, None
+    t = t_start
+    end = max(arr[-1], sends[-1]) + step
+    while t <= end:
+        backlog = bisect.bisect_right(sends, t) - bisect.bisect_right(arr, t)
+        peak = max(peak, backlog)
+        if round((t - t_start) / step) % round(1 / step) == 0:
+            out["backlog_1s"].append(backlog)  # one sample a second, from the start
+        if cleared is None and t >= t_up and backlog <= OUTAGE_CLEARED:
+            cleared = t
+        t += step
+    out["peak_backlog_sub"] = peak
+    if cleared is not None:
+        out["cleared_s"] = round(cleared - t_up, 2)
+        # Arrivals per second while clearing: the backlog at the restart plus what was
+        # sent meanwhile, over the time it took (includes the reconnect delay).
+        n = bisect.bisect_right(arr, cleared) - bisect.bisect_right(arr, t_up)
+        if cleared > t_up:
+            out["drain_rate"] = round(n / (cleared - t_up))
+    return out
 
 
 def probe_restart(gw, tcp, api, t0, timeout):
@@ -887,7 +1121,9 @@ def proc_meminfo(key):
     return None
 
 
-SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm"]
+SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm", "outage"]
+# scripts/bench.sh passes this list when no scenarios are named: it means "all of them".
+LEGACY_DEFAULT = "idle,load,ramp,drain,restart,storm"
 
 
 def main():
@@ -902,12 +1138,24 @@ def main():
     ap.add_argument("--merge", action="store_true",
                     help="keep scenarios of an existing results file that this run does not redo")
     args = ap.parse_args()
+    if args.only == LEGACY_DEFAULT:
+        args.only = ",".join(SCENARIOS)
     bench = Bench(args)
     if (args.merge or args.only != ",".join(SCENARIOS)) and os.path.exists(args.out):
         try:
             old = json.load(open(args.out))
             bench.results["scenarios"] = old.get("scenarios", {})
             bench.results["commands"] = old.get("commands", {})
+            # Where each kept table came from (files written before this was recorded get
+            # the old file's mode, start and commit).
+            prov = old.get("scenario_runs", {})
+            for name in bench.results["scenarios"]:
+                prov.setdefault(name, {"mode": old.get("mode"), "started": old.get("started"),
+                                       "git": old.get("machine", {}).get("git")})
+            bench.results["scenario_runs"] = prov
+            for key in ("scenario_loadavg", "scenario_wall_s"):
+                if key in old:
+                    bench.results[key] = old[key]
         except ValueError:
             pass
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -918,6 +1166,10 @@ def main():
     for name in only:
         log(f"=== scenario {name} ({args.mode})")
         bench.results.setdefault("scenario_loadavg", {})[name] = open("/proc/loadavg").read().split()[:3]
+        bench.results.setdefault("scenario_runs", {})[name] = {
+            "mode": args.mode,
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "git": bench.results["machine"]["git"]}
         t = time.monotonic()
         try:
             getattr(bench, f"run_{name}")()
