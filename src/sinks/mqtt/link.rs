@@ -98,7 +98,7 @@ impl Link {
                 let mut mqtt = rumqttc::MqttOptions::new(&options.client_id, host, port);
                 mqtt.set_keep_alive(options.keep_alive)
                     .set_clean_session(options.clean_session)
-                    .set_inflight(options.max_inflight)
+                    .set_inflight(packet_id_window(options.max_inflight))
                     .set_request_channel_capacity(capacity)
                     .set_max_packet_size(1 << 20, 256 << 20)
                     .set_transport(transport(options))
@@ -120,7 +120,7 @@ impl Link {
                 mqtt.set_keep_alive(options.keep_alive)
                     .set_clean_start(options.clean_session)
                     .set_session_expiry_interval((!options.clean_session).then_some(expiry))
-                    .set_outgoing_inflight_upper_limit(options.max_inflight)
+                    .set_outgoing_inflight_upper_limit(packet_id_window(options.max_inflight))
                     .set_request_channel_capacity(capacity)
                     .set_max_packet_size(Some(256 << 20))
                     .set_transport(transport(options))
@@ -246,6 +246,16 @@ impl Link {
             }
         }
     }
+}
+
+/// rumqttc hands out packet ids 1..=inflight in a cycle and holds a publish back
+/// ("collision") when its id is still unacknowledged. The sink keeps at most
+/// `max_inflight` publishes outstanding; giving rumqttc twice that many ids means an id
+/// comes round again only after `max_inflight` newer publishes, by which time a broker
+/// that acks in order has acked it. (A held-back publish that is never released ends the
+/// connection after two keepalives; seen under heavy load with equal windows.)
+fn packet_id_window(max_inflight: u16) -> u16 {
+    max_inflight.saturating_mul(2)
 }
 
 fn outgoing_event(outgoing: Outgoing) -> LinkEvent {
