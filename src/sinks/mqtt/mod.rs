@@ -76,8 +76,11 @@ struct MqttSink<'a> {
     connected: bool,
     /// Handed to rumqttc, packet id not yet known (in request order).
     awaiting_id: VecDeque<Carried>,
-    /// Sent with a packet id, awaiting PUBACK/PUBCOMP.
-    by_packet_id: HashMap<u16, Carried>,
+    /// Sent with a packet id, awaiting PUBACK/PUBCOMP, oldest first per id. An id can be
+    /// in use twice: rumqttc frees a QoS 2 id at PUBREC, before its PUBCOMP arrives.
+    by_packet_id: HashMap<u16, VecDeque<Carried>>,
+    /// Publishes in `by_packet_id`.
+    sent_unacked: usize,
     /// A publish rumqttc is holding back because its packet id is still in use.
     collided: Option<(u16, Carried)>,
     status_topic: String,
@@ -139,6 +142,7 @@ pub async fn run(
         connected: false,
         awaiting_id: VecDeque::new(),
         by_packet_id: HashMap::new(),
+        sent_unacked: 0,
         collided: None,
         status_topic,
         command_filter: config.command_topic.render_gateway(&context.gateway),
@@ -189,7 +193,7 @@ impl MqttSink<'_> {
     }
 
     fn outstanding(&self) -> usize {
-        self.awaiting_id.len() + self.by_packet_id.len() + usize::from(self.collided.is_some())
+        self.awaiting_id.len() + self.sent_unacked + usize::from(self.collided.is_some())
     }
 
     fn on_link_event(&mut self, event: LinkEvent, backoff: &mut Backoff) {
@@ -209,12 +213,10 @@ impl MqttSink<'_> {
                 }
             }
             LinkEvent::Sent { packet_id } => {
+                // While a publish is held back rumqttc sends nothing new, so the next
+                // publish written with that id is the held-back one.
                 let carried = match self.collided.take() {
-                    Some((id, carried))
-                        if id == packet_id && !self.by_packet_id.contains_key(&id) =>
-                    {
-                        Some(carried)
-                    }
+                    Some((id, carried)) if id == packet_id => Some(carried),
                     other => {
                         self.collided = other;
                         self.awaiting_id.pop_front()
@@ -225,7 +227,11 @@ impl MqttSink<'_> {
                         // QoS 0: done once written.
                         self.settle(carried);
                     } else {
-                        self.by_packet_id.insert(packet_id, carried);
+                        self.by_packet_id
+                            .entry(packet_id)
+                            .or_default()
+                            .push_back(carried);
+                        self.sent_unacked += 1;
                     }
                 }
             }
@@ -235,7 +241,20 @@ impl MqttSink<'_> {
                 }
             }
             LinkEvent::Acked { packet_id } => {
-                if let Some(carried) = self.by_packet_id.remove(&packet_id) {
+                // Acks for one id come in the order its publishes were sent.
+                let carried = self
+                    .by_packet_id
+                    .get_mut(&packet_id)
+                    .and_then(VecDeque::pop_front);
+                if self
+                    .by_packet_id
+                    .get(&packet_id)
+                    .is_some_and(VecDeque::is_empty)
+                {
+                    self.by_packet_id.remove(&packet_id);
+                }
+                if let Some(carried) = carried {
+                    self.sent_unacked -= 1;
                     self.settle(carried);
                 }
             }
@@ -280,6 +299,7 @@ impl MqttSink<'_> {
         self.link.forget_publishes();
         self.awaiting_id.clear();
         self.by_packet_id.clear();
+        self.sent_unacked = 0;
         self.collided = None;
         self.buffer.rewind();
     }
@@ -518,7 +538,7 @@ impl MqttSink<'_> {
         while self
             .awaiting_id
             .iter()
-            .chain(self.by_packet_id.values())
+            .chain(self.by_packet_id.values().flatten())
             .any(|c| matches!(c, Carried::Status))
         {
             match tokio::time::timeout_at(deadline, self.link.poll()).await {
