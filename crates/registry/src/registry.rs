@@ -433,28 +433,21 @@ impl Registry {
                 (None, None, Some(imei)) => validate::id_from_imei(imei),
                 (None, None, None) => self.random_id("dev-")?,
             };
-            prepared.push(DeviceRecord {
-                device: Device {
-                    id,
-                    name: new.name,
-                    model: new.model,
-                    labels: new.labels,
-                    mac,
-                    imei,
-                    public_key,
-                    created_at_ms: 0,
-                    last_seen_ms: None,
-                    status: DeviceStatus::Offline,
-                    messages: 0,
-                    bytes: 0,
-                    errors: 0,
-                },
-                secret_hash: None,
-                credential_version: 0,
-                refresh_hash: None,
-                refresh_expires_at_ms: 0,
-                connections: 0,
-            });
+            prepared.push(DeviceRecord::new(Device {
+                id,
+                name: new.name,
+                model: new.model,
+                labels: new.labels,
+                mac,
+                imei,
+                public_key,
+                created_at_ms: 0,
+                last_seen_ms: None,
+                status: DeviceStatus::Offline,
+                messages: 0,
+                bytes: 0,
+                errors: 0,
+            }));
         }
 
         let _writer = self.lock_writer();
@@ -919,28 +912,21 @@ impl Registry {
                 (record, true)
             }
             Err(id) => (
-                DeviceRecord {
-                    device: Device {
-                        id,
-                        name: request.name,
-                        model: request.model,
-                        labels: BTreeMap::new(),
-                        mac,
-                        imei,
-                        public_key,
-                        created_at_ms: now_ms,
-                        last_seen_ms: None,
-                        status: DeviceStatus::Offline,
-                        messages: 0,
-                        bytes: 0,
-                        errors: 0,
-                    },
-                    secret_hash: None,
-                    credential_version: 0,
-                    refresh_hash: None,
-                    refresh_expires_at_ms: 0,
-                    connections: 0,
-                },
+                DeviceRecord::new(Device {
+                    id,
+                    name: request.name,
+                    model: request.model,
+                    labels: BTreeMap::new(),
+                    mac,
+                    imei,
+                    public_key,
+                    created_at_ms: now_ms,
+                    last_seen_ms: None,
+                    status: DeviceStatus::Offline,
+                    messages: 0,
+                    bytes: 0,
+                    errors: 0,
+                }),
                 false,
             ),
         };

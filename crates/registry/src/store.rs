@@ -39,6 +39,20 @@ pub(crate) struct DeviceRecord {
     pub(crate) connections: u32,
 }
 
+impl DeviceRecord {
+    /// A new device with no credentials yet and no open connections.
+    pub(crate) fn new(device: Device) -> Self {
+        Self {
+            device,
+            secret_hash: None,
+            credential_version: 0,
+            refresh_hash: None,
+            refresh_expires_at_ms: 0,
+            connections: 0,
+        }
+    }
+}
+
 /// A provisioning token with the hash of its secret, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct TokenRecord {
