@@ -214,15 +214,10 @@ impl SinkBuffer {
             .set(i64::try_from(lanes.bytes()).unwrap_or(i64::MAX));
     }
 
-    /// The longest record this buffer can ever hold (see [`largest_record`]).
-    pub fn largest_record(&self) -> u64 {
-        self.largest_record
-    }
-
     /// Appends encoded records to their lanes. Stops at the first record that does not
     /// fit or fails, returning how many were stored and why it stopped.
     ///
-    /// A record over [`largest_record`](Self::largest_record) fails with
+    /// A record over [`largest_record`] fails with
     /// [`AppendError::TooLarge`], never [`AppendError::Full`]: `Full` always means that
     /// acknowledgements will eventually make room for it.
     pub fn append(&self, records: &[(Priority, Vec<u8>)]) -> (usize, Option<AppendError>) {
@@ -604,7 +599,7 @@ mod tests {
         for kind in [BufferKind::Disk, BufferKind::Memory] {
             let dir = tempfile::tempdir().unwrap();
             let (buffer, _metrics) = open(dir.path(), kind, 64 * 1024);
-            let largest = buffer.largest_record();
+            let largest = largest_record(&config(kind, 64 * 1024));
             let header = record(EventKind::Telemetry, 0, 0).1.len();
             let too_large = record(EventKind::Telemetry, largest as usize - header + 1, 7);
             match buffer.append(std::slice::from_ref(&too_large)) {
