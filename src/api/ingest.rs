@@ -31,6 +31,8 @@ pub use crate::config::HTTP_SOURCE;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most events in one request.
 pub const MAX_EVENTS: usize = 1000;
+/// How long the whole request body may take to arrive (1 MiB at 100 KB/s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may wait for room in the pipeline and for the buffers' acks.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -161,7 +163,18 @@ pub async fn telemetry(
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|err| {
+    // A client that stops sending mid-body would otherwise hold this request (and the
+    // pipeline's intakes, through `output`) forever.
+    let Ok(body) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "Request body timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        ));
+    };
+    let body = body.map_err(|err| {
         let limited = std::error::Error::source(&err)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if limited {
