@@ -114,6 +114,7 @@ impl ToSchema for TelemetryBody {}
         (status = 401, description = "Missing, malformed or expired JWT", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The JWT is another device's, or the device is revoked", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No sink lists `http` in `inputs`", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within 10 s", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB or over 1000 events", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many failed attempts from this address or for this device", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The pipeline did not store the events in time; retry", body = Problem, content_type = "application/problem+json"),
