@@ -8,12 +8,14 @@ mod common;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Gateway, Pki, data_message, free_port};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
 
 const ADMIN: &str = "admin-secret-for-tests";
@@ -23,8 +25,9 @@ const GRACE: Duration = Duration::from_secs(2);
 const SLACK: Duration = Duration::from_secs(3);
 
 /// A gateway with the registry (for HTTP ingestion), a TCP source in ack mode, and a file
-/// sink reading both. `tail` is appended (e.g. a TLS table for the source).
-fn config(tail: &str) -> String {
+/// sink reading both, its disk buffer synced per `fsync`. `tail` is appended (e.g. a TLS
+/// table for the source).
+fn config(fsync: &str, tail: &str) -> String {
     format!(
         r#"[gateway]
 id = "gw-1"
@@ -49,7 +52,7 @@ inputs = ["devices", "http"]
 [sinks.local.buffer]
 type = "disk"
 max_size = "64MiB"
-fsync = "always"
+fsync = "{fsync}"
 
 {tail}
 "#,
@@ -172,7 +175,7 @@ async fn terminate_in_time(gateway: &mut Gateway) {
 
 #[tokio::test]
 async fn sigterm_ends_in_time_while_an_ingest_body_stalls() {
-    let mut gateway = Gateway::start(&config("")).await;
+    let mut gateway = Gateway::start(&config("always", "")).await;
     let jwt = device_jwt(&gateway, "dev-1").await;
     let _stalled = stalled_ingest(&gateway, &jwt).await;
     terminate_in_time(&mut gateway).await;
@@ -180,7 +183,7 @@ async fn sigterm_ends_in_time_while_an_ingest_body_stalls() {
 
 #[tokio::test]
 async fn a_stalled_ingest_body_times_out() {
-    let gateway = Gateway::start(&config("")).await;
+    let gateway = Gateway::start(&config("always", "")).await;
     let jwt = device_jwt(&gateway, "dev-1").await;
     let mut stalled = stalled_ingest(&gateway, &jwt).await;
     let mut status_line = String::new();
@@ -195,11 +198,9 @@ async fn a_stalled_ingest_body_times_out() {
 }
 
 /// A TLS device in ack mode that never reads: it sends frames until the gateway, whose
-/// acks fill the socket, stops reading too. Returns the stream, still open.
-async fn tls_device_that_stops_reading(
-    addr: SocketAddr,
-    pki: &Pki,
-) -> tokio_rustls::client::TlsStream<TcpStream> {
+/// acks fill the socket, is stuck writing and stops reading too (no progress for 3 s).
+/// The returned task owns the connection and keeps it open, blocked in a write.
+async fn tls_device_that_stops_reading(addr: SocketAddr, pki: &Pki) -> JoinHandle<()> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).expect("add CA");
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -226,19 +227,39 @@ async fn tls_device_that_stops_reading(
         chunk.push_str(&data_message("tls-1", seq, 0).to_string());
         chunk.push('\n');
     }
-    for _ in 0..10_000 {
-        let sent = timeout(Duration::from_secs(2), async {
-            stream.write_all(chunk.as_bytes()).await?;
-            stream.flush().await
+    let sent = Arc::new(AtomicUsize::new(0));
+    let sender = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            for _ in 0..10_000 {
+                if stream.write_all(chunk.as_bytes()).await.is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
         })
-        .await;
-        match sent {
-            Ok(Ok(())) => continue,
-            Err(_) => return stream,
-            Ok(Err(err)) => panic!("the gateway closed the connection early: {err}"),
+    };
+    let mut last = 0;
+    let mut progress = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "the gateway kept reading although its acks were never read"
+        );
+        assert!(
+            !sender.is_finished(),
+            "the gateway closed the connection early"
+        );
+        let now = sent.load(Ordering::SeqCst);
+        if now != last {
+            last = now;
+            progress = Instant::now();
+        } else if progress.elapsed() >= Duration::from_secs(3) {
+            return sender;
         }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("the gateway kept reading although its acks were never read");
 }
 
 fn tls_tail(pki: &Pki) -> String {
@@ -254,7 +275,7 @@ fn tls_tail(pki: &Pki) -> String {
 async fn sigterm_ends_in_time_while_a_tls_device_stops_reading() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let config = config(&tls_tail(&pki));
+    let config = config("never", &tls_tail(&pki));
     let mut gateway = Gateway::start(&config).await;
     let _stuck = tls_device_that_stops_reading(device_addr(&config), &pki).await;
     terminate_in_time(&mut gateway).await;
@@ -264,7 +285,7 @@ async fn sigterm_ends_in_time_while_a_tls_device_stops_reading() {
 async fn a_tls_device_that_stops_reading_does_not_hold_its_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let config = config(&tls_tail(&pki));
+    let config = config("never", &tls_tail(&pki));
     let gateway = Gateway::start(&config).await;
     let _stuck = tls_device_that_stops_reading(device_addr(&config), &pki).await;
     // The ack write times out, then the TLS close (which cannot be sent either) must time
