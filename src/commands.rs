@@ -5,6 +5,10 @@
 //! → succeeded / failed, or expired once the TTL passes in queued or sent. A command for
 //! an offline device waits in the registry and goes out when the device connects. Every
 //! end state reaches the cloud as a `command_result` event.
+//!
+//! Every state change is a redb commit (an fsync): the async methods run it on the
+//! blocking pool, so a connection or sink task never stalls a runtime worker on the disk.
+//! [`CommandDispatcher::submit`] blocks, for callers already on a blocking thread.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,10 +54,13 @@ impl CommandDispatcher {
 
     /// Queues a command and hands it to the device at once if it is connected.
     /// Idempotent by command id.
+    ///
+    /// Blocks on registry commits: call it from a blocking thread (the API runs it through
+    /// `spawn_blocking`), never directly from an async task.
     pub fn submit(&self, device: &str, command: NewCommand) -> Result<Command, RegistryError> {
         let queued = self.registry.submit_command(device, command, now_ms())?;
         if queued.state == CommandState::Queued {
-            self.deliver_pending(&DeviceId::new(device));
+            self.deliver_pending_blocking(&DeviceId::new(device));
         }
         Ok(self
             .registry
@@ -62,7 +69,15 @@ impl CommandDispatcher {
     }
 
     /// Hands every queued command of `device` to its connection (called when it connects).
-    pub fn deliver_pending(&self, device: &DeviceId) {
+    pub async fn deliver_pending(self: &Arc<Self>, device: &DeviceId) {
+        let this = Arc::clone(self);
+        let device = device.clone();
+        self.off_thread(move || this.deliver_pending_blocking(&device))
+            .await;
+    }
+
+    /// [`deliver_pending`](Self::deliver_pending), blocking on the registry commits.
+    fn deliver_pending_blocking(&self, device: &DeviceId) {
         for command in self.registry.pending_commands(device.as_str(), now_ms()) {
             let params = match RawValue::from_string(command.params.to_string()) {
                 Ok(params) => params,
@@ -86,12 +101,17 @@ impl CommandDispatcher {
     }
 
     /// The connection wrote the command to the device.
-    pub fn delivered(&self, device: &DeviceId, command_id: &str) {
-        self.mark(device.as_str(), command_id, CommandState::Delivered, None);
+    pub async fn delivered(self: &Arc<Self>, device: &DeviceId, command_id: &str) {
+        let this = Arc::clone(self);
+        let (device, command_id) = (device.clone(), command_id.to_owned());
+        self.off_thread(move || {
+            this.mark(device.as_str(), &command_id, CommandState::Delivered, None);
+        })
+        .await;
     }
 
     /// The device answered: `status` "ok" is success, anything else failure.
-    pub fn result(&self, device: &DeviceId, command_id: &str, frame: &[u8]) {
+    pub async fn result(self: &Arc<Self>, device: &DeviceId, command_id: &str, frame: &[u8]) {
         let result: Option<serde_json::Value> = serde_json::from_slice(frame).ok();
         let succeeded = result
             .as_ref()
@@ -103,7 +123,17 @@ impl CommandDispatcher {
         } else {
             CommandState::Failed
         };
-        self.mark(device.as_str(), command_id, state, result);
+        let this = Arc::clone(self);
+        let (device, command_id) = (device.clone(), command_id.to_owned());
+        self.off_thread(move || this.mark(device.as_str(), &command_id, state, result))
+            .await;
+    }
+
+    /// Runs registry work that commits to disk on the blocking pool and waits for it.
+    async fn off_thread(&self, work: impl FnOnce() + Send + 'static) {
+        if let Err(err) = tokio::task::spawn_blocking(work).await {
+            tracing::error!(error = %err, "registry update did not finish");
+        }
     }
 
     fn mark(
@@ -130,7 +160,17 @@ impl CommandDispatcher {
                 _ = stop.cancelled() => return,
                 _ = sweep.tick() => {}
             }
-            for command in self.registry.expire_commands(now_ms()) {
+            let registry = Arc::clone(&self.registry);
+            let expired =
+                match tokio::task::spawn_blocking(move || registry.expire_commands(now_ms())).await
+                {
+                    Ok(expired) => expired,
+                    Err(err) => {
+                        tracing::error!(error = %err, "command expiry did not finish");
+                        Vec::new()
+                    }
+                };
+            for command in expired {
                 tracing::info!(device = %command.device_id, command = %command.id, "command expired");
                 self.report(
                     &command.device_id,

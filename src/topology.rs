@@ -4,10 +4,13 @@
 //! sources, then `/readyz` turns ready. Shutdown: the watchdog and any CPU profile stop,
 //! sources stop accepting and reading, the pipeline drains into the buffers, buffers sync,
 //! sinks say goodbye upstream, all within `gateway.shutdown_grace`; the API goes last.
+//! Past the grace, whatever has not stopped is left behind: sinks are stopped and the
+//! buffers synced anyway, so shutdown ends within the grace plus about two seconds.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +33,14 @@ use crate::telemetry::profiling::CpuProfiler;
 use crate::telemetry::profiling::http::DebugState;
 use crate::telemetry::watchdog::Watchdog;
 use fieldgate_registry::{AuthThrottle, ThrottleConfig};
+
+/// How long sinks may take past `shutdown_grace` to say goodbye upstream (retained
+/// `offline`) once they are told to stop.
+const SINK_GOODBYE: Duration = Duration::from_secs(1);
+/// Bound on the final registry flush at shutdown.
+const REGISTRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Bound on the API and watchdog ending at shutdown.
+const OBSERVERS_GOODBYE: Duration = Duration::from_millis(500);
 
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -288,29 +299,69 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     observer_stop.cancel();
     observer_tasks.close();
 
-    let sequence = async {
-        source_stop.cancel();
-        if let Some(v1) = &v1_state {
-            v1.ingest.close();
-        }
-        source_tasks.close();
+    // Sources stop and the pipeline drains into the buffers, within the grace. A source
+    // that does not stop (a peer that never lets a read or a close finish) must not keep
+    // the sinks from stopping or the buffers from syncing: past the grace, what is still
+    // in flight was never acked to anyone and is given up.
+    let grace = config.gateway.shutdown_grace.0;
+    let deadline = tokio::time::Instant::now() + grace;
+    source_stop.cancel();
+    if let Some(v1) = &v1_state {
+        v1.ingest.close();
+    }
+    source_tasks.close();
+    writers.close();
+    sink_tasks.close();
+    let drain = async {
         source_tasks.wait().await;
         writer_stop.cancel();
-        writers.close();
         writers.wait().await;
-        sink_stop.cancel();
-        sink_tasks.close();
-        sink_tasks.wait().await;
-        for (name, buffer) in &buffers {
-            if let Err(err) = buffer.commit(true) {
-                tracing::error!(sink = %name, error = %err, "final buffer sync failed");
-            }
-        }
-        if let Some(Err(err)) = registry.as_ref().map(|registry| registry.flush()) {
-            tracing::error!(error = %err, "final registry flush failed");
-        }
     };
-    let finished = tokio::time::timeout(config.gateway.shutdown_grace.0, sequence).await;
+    let drained = tokio::time::timeout_at(deadline, drain).await.is_ok();
+    if !drained {
+        tracing::warn!(
+            ?grace,
+            "sources did not stop within shutdown_grace; stopping the buffer writers and sinks anyway"
+        );
+    }
+    // Writers store what is queued and end even if a source still holds its intake.
+    writer_stop.cancel();
+    sink_stop.cancel();
+    let sinks_stopped = async {
+        writers.wait().await;
+        sink_tasks.wait().await;
+    };
+    // Sinks get the rest of the grace, and a moment to say goodbye upstream past it.
+    let sinks_deadline = deadline.max(tokio::time::Instant::now() + SINK_GOODBYE);
+    let sinks_done = tokio::time::timeout_at(sinks_deadline, sinks_stopped)
+        .await
+        .is_ok();
+    if sinks_done {
+        tracing::info!("sinks stopped");
+    } else {
+        tracing::warn!("sinks did not stop in time; syncing the buffers without them");
+    }
+    let mut synced = true;
+    for (name, buffer) in &buffers {
+        if let Err(err) = buffer.commit(true) {
+            synced = false;
+            tracing::error!(sink = %name, error = %err, "final buffer sync failed");
+        }
+    }
+    if synced {
+        tracing::info!(buffers = buffers.len(), "buffers synced");
+    }
+    if let Some(registry) = &registry {
+        // A redb commit: off the async threads, and not forever.
+        let registry = Arc::clone(registry);
+        let flush = tokio::task::spawn_blocking(move || registry.flush());
+        match tokio::time::timeout(REGISTRY_FLUSH_TIMEOUT, flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(err))) => tracing::error!(error = %err, "final registry flush failed"),
+            Ok(Err(err)) => tracing::error!(error = %err, "final registry flush task failed"),
+            Err(_) => tracing::error!("final registry flush did not finish in time"),
+        }
+    }
     api_stop.cancel();
     api_tasks.close();
     // The API and the watchdog hold no data; do not let a slow scraper delay the exit.
@@ -318,17 +369,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_tasks.wait().await;
         observer_tasks.wait().await;
     };
-    let _observers_done = tokio::time::timeout(std::time::Duration::from_secs(1), observers).await;
-    match finished {
-        Ok(()) => {
-            tracing::info!("shutdown complete");
-            Ok(())
-        }
-        Err(_) => anyhow::bail!(
-            "shutdown did not finish within {:?}; unacknowledged events stay in the buffers",
-            config.gateway.shutdown_grace.0
-        ),
+    let _observers_done = tokio::time::timeout(OBSERVERS_GOODBYE, observers).await;
+    if !synced {
+        anyhow::bail!("the final buffer sync failed; the buffers recover at the next start");
     }
+    if drained && sinks_done {
+        tracing::info!("shutdown complete");
+    } else {
+        tracing::warn!(
+            ?grace,
+            "shutdown cut short after shutdown_grace; acked events are in the synced buffers"
+        );
+    }
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -84,6 +84,13 @@ async fn two_hundred_devices_times_one_hundred_messages_arrive_in_order() {
     assert_eq!(envelope["kind"], "telemetry", "envelope: {envelope}");
     assert_eq!(envelope["source"], "devices", "envelope: {envelope}");
     assert!(
+        envelope["id"].as_str().is_some_and(|id| id.len() == 20
+            && id
+                .bytes()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())),
+        "the envelope carries the event id (20 characters of Crockford base32): {envelope}"
+    );
+    assert!(
         envelope["received_at"]
             .as_str()
             .is_some_and(|t| t.ends_with('Z')),

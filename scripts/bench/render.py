@@ -329,6 +329,43 @@ def render(res):
             for x in o["rows"])
         parts.append(f"\nPer run: {per_run}.\n")
 
+    # ---------------------------------------------------------------- cloud link (issue 8)
+    lk = res.get("scenarios", {}).get("link")
+    if lk:
+        parts.append(f"\n### Cloud link without batching ({lk['duration_s']} s per run)\n")
+        out, agg = [], {}
+        keys = [("fieldgate", 10, 1, False), ("mosquitto bridge", 10, 1, False),
+                ("fieldgate", 30, 1, False), ("mosquitto bridge", 30, 1, False),
+                ("fieldgate", 10, 2, True), ("fieldgate", 10, 2, False)]
+        for who, rate, qos, on_disk in keys:
+            g = [x for x in lk["rows"] if x["who"] == who and x["rate_per_device"] == rate
+                 and x["qos"] == qos and bool(x.get("session_on_disk")) == on_disk]
+            if not g:
+                continue
+            a = {k: med([x.get(k) for x in g]) for k in
+                 ["p50_ms", "p99_ms", "cpu_pct", "cpu_us_per_msg", "send_rate"]}
+            agg[(who, rate, qos, on_disk)] = a
+            label = who + (f", QoS 2, session state {'on disk' if on_disk else 'off (clean session)'}"
+                           if qos == 2 else "")
+            lost = "?" if any(x.get("lost") is None for x in g) else f(sum(x["lost"] for x in g), 0)
+            loads = ", ".join(f"{x['load_start']}→{x['load_end']}" for x in g)
+            out.append([label, f"1,000 × {rate}", f(a["send_rate"], 0), lost,
+                        f(a["p50_ms"], 2), f(a["p99_ms"], 2), f(a["cpu_pct"], 0),
+                        f(a["cpu_us_per_msg"], 1), loads, runs_note(g)])
+        for row, key in zip(out, [k for k in keys if k in agg]):
+            bridge = agg.get(("mosquitto bridge", key[1], 1, False), {})
+            row.insert(8, ratio(agg[key]["cpu_us_per_msg"], bridge.get("cpu_us_per_msg")))
+            row.insert(6, ratio(agg[key]["p99_ms"], bridge.get("p99_ms")))
+        parts.append(table(["", "devices × msg/s", "sent msg/s", "lost (all runs)", "p50 ms", "p99 ms",
+                            "p99 vs bridge", "CPU %", "CPU µs per delivered msg", "vs bridge",
+                            "load average (start→end of each run)", "runs"], out))
+        sc = lk.get("syscalls") or {}
+        if sc.get("per_1000") is not None:
+            calls = ", ".join(f"{k} {v:,}" for k, v in sorted(sc["calls"].items()))
+            parts.append(f"\nWrite-family syscalls of the gateway (strace -f -c, a separate 8 s run at "
+                         f"1,000 × 10 msg/s): **{sc['per_1000']} per 1,000 delivered publishes** "
+                         f"({calls}; {sc['received']:,} delivered; buffer writes included).\n")
+
     # ---------------------------------------------------------------- targets + commands
     parts.insert(1, "\n### Targets (issue 3)\n\n" + table(["target", "measured", ""], targets) + "\n")
     cmds = res.get("commands", {})

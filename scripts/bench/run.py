@@ -19,6 +19,7 @@ import random
 import re
 import resource
 import shlex
+import shutil
 import signal
 import socket
 import statistics
@@ -311,7 +312,7 @@ class Bench:
     # ---- fieldgate
 
     def gateway(self, name, cloud_port, batch=False, ack=False, max_size="1GiB", data=None,
-                ports=None):
+                ports=None, qos=1, clean_session=False):
         tcp, api = ports or (free_port(), free_port())
         data = data or self.path(f"{name}-data")
         conf = os.path.join(self.work, f"gw-{name}-{tcp}.toml")
@@ -339,7 +340,8 @@ type = "mqtt"
 inputs = ["devices"]
 url = "mqtt://127.0.0.1:{cloud_port}"
 client_id = "gw-bench"
-qos = 1
+qos = {qos}
+clean_session = {"true" if clean_session else "false"}
 reconnect_min = "1s"
 reconnect_max = "1s"
 {batch_lines}
@@ -521,6 +523,95 @@ max_size = "{max_size}"
         log(f"load {who}: p50 {row['p50_ms']} p99 {row['p99_ms']} ms, cpu {cpu}%, "
             f"hwm {hwm} KiB, lost {row['lost']}")
         return row
+
+    def run_link(self):
+        """The cloud link without batching (issue 8): 1,000 devices at 10 and 30 msg/s each,
+        QoS 1, beside the Mosquitto bridge; CPU per delivered message; write syscalls per
+        1,000 publishes (strace, separate short run); QoS 2 with and without the on-disk
+        session state (clean_session false vs true)."""
+        duration = 10 if self.quick else 20
+        rows = []
+        for run in range(self.runs):
+            for rate in [10, 30]:
+                for who in ["fieldgate", "mosquitto bridge"]:
+                    rows.append(self.link_run(who, run, rate, duration, qos=1))
+                    self.results["scenarios"]["link"] = {"duration_s": duration, "rows": rows}
+                    self.save()
+            for clean in [False, True]:
+                rows.append(self.link_run("fieldgate", run, 10, duration, qos=2, clean=clean))
+                self.results["scenarios"]["link"] = {"duration_s": duration, "rows": rows}
+                self.save()
+        self.results["scenarios"]["link"]["syscalls"] = self.link_syscalls()
+        self.save()
+
+    def link_run(self, who, run, rate, duration, qos, clean=False):
+        load0 = os.getloadavg()[0]
+        cloud, cloud_port, _ = self.mosquitto("cloud")
+        if who == "fieldgate":
+            gw, tcp, _api, _data, _ = self.gateway(f"link-{rate}-{qos}-{clean}", cloud_port,
+                                                  qos=qos, clean_session=clean)
+            proc = gw
+            argv = ["tcp", "--target", f"127.0.0.1:{tcp}", "--sub-topic", "gateways/#"]
+        else:
+            edge, edge_port, _ = self.mosquitto("edge-bridge", self.bridge_conf(cloud_port))
+            time.sleep(1.5)  # bridge connects
+            proc = edge
+            argv = ["mqtt", "--url", f"mqtt://127.0.0.1:{edge_port}", "--qos", str(qos),
+                    "--sub-topic", "devices/#"]
+        time.sleep(0.5)
+        t0, c0 = time.monotonic(), cpu_ticks(proc.pid)
+        res = self.sim(f"link: 1000 devices x {rate} msg/s -> {who} (QoS {qos})", argv + [
+            "--devices", "1000", "--rate", str(rate), "--duration", str(duration),
+            "--subscribe", f"mqtt://127.0.0.1:{cloud_port}", "--drain-timeout", "30"],
+            duration + 120)
+        c1, wall = cpu_ticks(proc.pid), time.monotonic() - t0
+        cpu_s = (c1 - c0) / CLK_TCK if c1 is not None and c0 is not None else None
+        received = res.get("received") or 0
+        lat = res.get("latency_us") or {}
+        row = {"who": who, "run": run, "rate_per_device": rate, "qos": qos,
+               "session_on_disk": (who == "fieldgate" and qos == 2 and not clean),
+               "sent": res.get("sent"), "received": received, "lost": res.get("lost"),
+               "duplicates": res.get("duplicates"), "send_rate": res.get("send_rate"),
+               "p50_ms": ms(lat.get("p50")), "p99_ms": ms(lat.get("p99")),
+               "cpu_pct": round(100 * cpu_s / wall, 1) if cpu_s is not None else None,
+               "cpu_us_per_msg": round(1e6 * cpu_s / received, 1) if cpu_s and received else None,
+               "load_start": round(load0, 2), "load_end": round(os.getloadavg()[0], 2),
+               "error": res.get("error")}
+        log(f"link {who} {rate}/s QoS {qos}{' clean' if clean else ''}: lost {row['lost']}, "
+            f"p50 {row['p50_ms']} p99 {row['p99_ms']} ms, {row['cpu_us_per_msg']} us/msg, "
+            f"load {row['load_start']}->{row['load_end']}")
+        stop(proc)
+        stop(cloud)
+        return row
+
+    def link_syscalls(self):
+        """Write-family syscalls of the gateway per 1,000 delivered publishes (strace -c)."""
+        if not shutil.which("strace"):
+            return {"error": "strace not installed"}
+        cloud, cloud_port, _ = self.mosquitto("cloud")
+        gw, tcp, _api, _data, _ = self.gateway("link-strace", cloud_port)
+        time.sleep(0.5)
+        out = self.path("strace.txt")
+        tracer = start(["strace", "-f", "-c", "-o", out, "-e",
+                        "trace=write,writev,sendto,sendmsg,pwrite64", "-p", str(gw.pid)],
+                       out + ".log")
+        time.sleep(1.0)
+        res = self.sim("link: strace run, 1000 devices x 10 msg/s", [
+            "tcp", "--target", f"127.0.0.1:{tcp}", "--devices", "1000", "--rate", "10",
+            "--duration", "8", "--subscribe", f"mqtt://127.0.0.1:{cloud_port}",
+            "--sub-topic", "gateways/#", "--drain-timeout", "30"], 120)
+        stop(tracer, signal.SIGINT)
+        stop(gw)
+        stop(cloud)
+        calls = {}
+        for line in open(out).read().splitlines():
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1] in ("write", "writev", "sendto", "sendmsg", "pwrite64"):
+                calls[parts[-1]] = int(parts[3]) if parts[3].isdigit() else int(parts[4])
+        received = res.get("received") or 0
+        total = sum(calls.values())
+        return {"calls": calls, "received": received,
+                "per_1000": round(1000 * total / received, 1) if received else None}
 
     def run_ramp(self):
         step_s = 4 if self.quick else 8
@@ -1121,7 +1212,7 @@ def proc_meminfo(key):
     return None
 
 
-SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm", "outage"]
+SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm", "outage", "link"]
 # scripts/bench.sh passes this list when no scenarios are named: it means "all of them".
 LEGACY_DEFAULT = "idle,load,ramp,drain,restart,storm"
 

@@ -182,26 +182,50 @@ async fn replay(
                 (record.event.priority, bytes)
             })
             .collect();
-        let (stored, error) = buffer.append(&encoded);
+        let mut replayed = Vec::new();
+        let mut offset = 0;
+        let mut failure = None;
+        while offset < encoded.len() {
+            let (stored, error) = buffer.append(&encoded[offset..]);
+            replayed.extend(
+                records[offset..offset + stored]
+                    .iter()
+                    .map(|record| record.id),
+            );
+            offset += stored;
+            match error {
+                None => break,
+                Some(AppendError::TooLarge { len, max }) => {
+                    // It can never fit this buffer: it stays parked; go on with the rest.
+                    tracing::warn!(
+                        sink = buffer.sink(),
+                        len,
+                        max,
+                        "a dead letter larger than the buffer stays parked"
+                    );
+                    offset += 1;
+                }
+                Some(AppendError::Full) => {
+                    tracing::warn!(
+                        sink = buffer.sink(),
+                        replayed = replayed.len(),
+                        "buffer full: dead-letter replay stopped early"
+                    );
+                    break;
+                }
+                Some(AppendError::Storage(err)) => {
+                    failure = Some(err);
+                    break;
+                }
+            }
+        }
         // Durable in the buffer before it leaves the dead-letter store.
         buffer.commit(true).map_err(storage_error)?;
-        let ids: Vec<_> = records
-            .iter()
-            .take(stored)
-            .map(|record| record.id)
-            .collect();
-        store.remove(&ids).map_err(storage_error)?;
-        match error {
-            Some(AppendError::Full) => {
-                tracing::warn!(
-                    sink = buffer.sink(),
-                    replayed = stored,
-                    "buffer full: dead-letter replay stopped early"
-                );
-            }
-            Some(AppendError::Storage(err)) => return Err(storage_error(err)),
-            None => {}
+        store.remove(&replayed).map_err(storage_error)?;
+        if let Some(err) = failure {
+            return Err(storage_error(err));
         }
+        let stored = replayed.len();
         Ok((stored, store.count()))
     })
     .await?;

@@ -31,6 +31,8 @@ pub use crate::config::HTTP_SOURCE;
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most events in one request.
 pub const MAX_EVENTS: usize = 1000;
+/// How long the whole request body may take to arrive (1 MiB at 100 KB/s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a request may wait for room in the pipeline and for the buffers' acks.
 const STORE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -112,6 +114,7 @@ impl ToSchema for TelemetryBody {}
         (status = 401, description = "Missing, malformed or expired JWT", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "The JWT is another device's, or the device is revoked", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No sink lists `http` in `inputs`", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within 10 s", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB or over 1000 events", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many failed attempts from this address or for this device", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The pipeline did not store the events in time; retry", body = Problem, content_type = "application/problem+json"),
@@ -161,7 +164,18 @@ pub async fn telemetry(
     if declared.is_some_and(|length| length > MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|err| {
+    // A client that stops sending mid-body would otherwise hold this request (and the
+    // pipeline's intakes, through `output`) forever.
+    let Ok(body) = tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    else {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "Request body timeout",
+            format!("the body did not arrive within {BODY_TIMEOUT:?}"),
+        ));
+    };
+    let body = body.map_err(|err| {
         let limited = std::error::Error::source(&err)
             .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
         if limited {

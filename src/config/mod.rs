@@ -336,6 +336,7 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
             }
         }
         sink.buffer().check(context, name)?;
+        check_largest_frames_fit(config, context, name, sink)?;
         if let SinkConfig::Mqtt(mqtt) = sink {
             mqtt.check(context, name)?;
         }
@@ -351,6 +352,49 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
                     0..0,
                     &format!("sources.{name}"),
                     "no sink lists this source in `inputs`; its events would be lost".into(),
+                )
+                .without_line());
+        }
+    }
+    Ok(())
+}
+
+/// Every source's largest event must fit the (empty) buffer of each sink it feeds: under
+/// `when_full = "block"` a larger one would wait for room that can never exist, and under
+/// the other policies it would be dropped every time.
+fn check_largest_frames_fit(
+    config: &Config,
+    context: &error::Context<'_>,
+    sink_name: &str,
+    sink: &SinkConfig,
+) -> Result<(), ConfigError> {
+    let largest = crate::buffer::largest_record(sink.buffer());
+    let max_size = sink.buffer().max_size.0;
+    for input in sink.inputs().get_ref() {
+        let (frame, frame_key) = match config.sources.get(input) {
+            Some(SourceConfig::Tcp(tcp)) => (tcp.max_frame.0, format!("sources.{input}.max_frame")),
+            None if input == HTTP_SOURCE => (
+                crate::api::ingest::MAX_BODY as u64,
+                format!("the {HTTP_SOURCE:?} ingestion body limit"),
+            ),
+            None => continue,
+        };
+        let needed = fieldgate_core::Event::max_encoded_len(
+            frame,
+            fieldgate_codec::MAX_DEVICE_ID_LEN,
+            input.len(),
+        );
+        if needed > largest {
+            return Err(context
+                .error_at(
+                    0..0,
+                    &format!("sinks.{sink_name}.buffer.max_size"),
+                    format!(
+                        "{max_size} bytes cannot hold the largest event of input {input:?}: \
+                         {frame_key} = {frame} bytes needs {needed} bytes in the buffer with \
+                         its event header and the buffer's framing, and at most {largest} fit; \
+                         raise sinks.{sink_name}.buffer.max_size or lower {frame_key}"
+                    ),
                 )
                 .without_line());
         }

@@ -529,3 +529,56 @@ fn api_admin_token() {
     ));
     assert_eq!(err.key.as_deref(), Some("api.admin_tokn"), "{err}");
 }
+
+#[test]
+fn largest_frame_must_fit_every_buffer_it_feeds() {
+    let text = contract_with(
+        "framing = \"lines\"",
+        "framing = \"lines\"\nmax_frame = \"4MiB\"",
+    )
+    .replace("max_size = \"1GiB\"", "max_size = \"1MiB\"");
+    let err = parse_err(&text);
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.max_size"),
+        "{err}"
+    );
+    assert!(err.message.contains("sources.devices.max_frame"), "{err}");
+
+    // Just under the limit is fine: a 1 MiB buffer takes a 1000 KiB frame with its headers.
+    parse_ok(
+        &contract_with(
+            "framing = \"lines\"",
+            "framing = \"lines\"\nmax_frame = \"1000KiB\"",
+        )
+        .replace("max_size = \"1GiB\"", "max_size = \"1MiB\""),
+    );
+    // A frame the size of the whole buffer cannot fit beside the record and segment headers.
+    let err = parse_err(
+        &contract_with(
+            "framing = \"lines\"",
+            "framing = \"lines\"\nmax_frame = \"1MiB\"",
+        )
+        .replace("max_size = \"1GiB\"", "max_size = \"1MiB\""),
+    );
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.max_size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn http_ingestion_body_must_fit_its_buffers() {
+    let text = contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+        .replace("max_size = \"1GiB\"", "max_size = \"1MiB\"")
+        + "\n[registry]\n";
+    let err = parse_err(&text);
+    assert_eq!(
+        err.key.as_deref(),
+        Some("sinks.cloud.buffer.max_size"),
+        "{err}"
+    );
+    assert!(err.message.contains("\"http\""), "{err}");
+    parse_ok(&text.replace("max_size = \"1MiB\"", "max_size = \"2MiB\""));
+}

@@ -32,7 +32,8 @@ pub struct SinkLabel {
 pub struct DropLabels {
     /// Sink the event was meant for.
     pub sink: String,
-    /// A closed set: `buffer_full`, `evicted`, `corrupt`, `encode_failed`, `rejected`.
+    /// A closed set: `buffer_full`, `evicted`, `too_large`, `shutting_down`, `storage_error`,
+    /// `corrupt`, `encode_failed`, `rejected`.
     pub reason: String,
 }
 

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -48,8 +49,9 @@ struct Active {
     first_id: u64,
     /// Its path.
     path: PathBuf,
-    /// Write handle, positioned at `file_len`.
-    file: File,
+    /// Write handle, positioned at `file_len`; shared with [`SyncJob`]s, which fdatasync
+    /// it without holding the queue.
+    file: Arc<File>,
     /// Bytes handed to the OS.
     file_len: u64,
     /// Framed records not yet handed to the OS.
@@ -97,7 +99,7 @@ pub struct DiskQueue {
     /// Sum of `sealed[..].bytes`.
     sealed_bytes: u64,
     /// Write handles of sealed segments with data not yet fdatasynced.
-    unsynced_sealed: Vec<(u64, File)>,
+    unsynced_sealed: Vec<(u64, Arc<File>)>,
     /// The segment being written.
     active: Active,
     /// Id of the next appended record.
@@ -228,14 +230,14 @@ impl DiskQueue {
         if active.pending.is_empty() {
             return Ok(());
         }
-        if let Err(error) = active.file.write_all(&active.pending) {
+        if let Err(error) = (&*active.file).write_all(&active.pending) {
             // Undo a partial write so a retry appends at the right place. Best effort: if
             // this fails too, recovery cuts the partial record at the next start.
             let file_len = active.file_len;
             let _undone: std::io::Result<u64> = active
                 .file
                 .set_len(file_len)
-                .and_then(|()| active.file.seek(SeekFrom::Start(file_len)));
+                .and_then(|()| (&*active.file).seek(SeekFrom::Start(file_len)));
             return Err(BufferError::io(&active.path, error));
         }
         active.file_len += u64::try_from(active.pending.len()).unwrap_or(u64::MAX);
@@ -250,25 +252,68 @@ impl DiskQueue {
     /// directory if segment files were created or deleted. After this returns, power loss
     /// loses no appended record and re-delivers no record acked before the call.
     pub fn sync(&mut self) -> Result<(), BufferError> {
-        self.flush()?;
-        for (first_id, file) in &self.unsynced_sealed {
-            file.sync_data().at(&self.segment_path(*first_id))?;
-        }
-        self.unsynced_sealed.clear();
-        if self.active.unsynced {
-            self.active.file.sync_data().at(&self.active.path)?;
-            self.active.unsynced = false;
-        }
-        if self.acks_dirty {
-            ack_file::store(&self.dir, &self.acks)?;
-            self.acks_dirty = false;
-            self.dir_dirty = true;
-        }
-        if self.dir_dirty {
-            fsutil::sync_dir(&self.dir)?;
-            self.dir_dirty = false;
+        let job = self.begin_sync()?;
+        if let Err(error) = job.run() {
+            self.sync_failed(job);
+            return Err(error);
         }
         Ok(())
+    }
+
+    /// The first half of [`sync`](Self::sync), cheap: flushes appends to the OS and takes
+    /// what must be made durable (segment handles, a snapshot of the ack position, whether
+    /// the directory changed) into a [`SyncJob`], whose [`run`](SyncJob::run) does the slow
+    /// part without borrowing the queue. Callers sharing the queue behind a lock run the
+    /// job outside it, so appends and acks never wait for an fdatasync.
+    ///
+    /// Run jobs one at a time, in the order they were begun (a later job's ack position must
+    /// not be overwritten by an earlier one's). Once a job's `run` returns `Ok`, everything
+    /// appended and acked before `begin_sync` is durable. When it fails, hand it back to
+    /// [`sync_failed`](Self::sync_failed) before beginning another.
+    pub fn begin_sync(&mut self) -> Result<SyncJob, BufferError> {
+        self.flush()?;
+        let mut files: Vec<(PathBuf, Arc<File>)> = std::mem::take(&mut self.unsynced_sealed)
+            .into_iter()
+            .map(|(first_id, file)| (self.segment_path(first_id), file))
+            .collect();
+        if self.active.unsynced {
+            files.push((self.active.path.clone(), Arc::clone(&self.active.file)));
+            self.active.unsynced = false;
+        }
+        let acks = self.acks_dirty.then(|| self.acks.clone());
+        self.acks_dirty = false;
+        // Storing the ack position renames a file: the directory must be synced after it.
+        let sync_dir = self.dir_dirty || acks.is_some();
+        self.dir_dirty = false;
+        Ok(SyncJob {
+            dir: Some(self.dir.clone()),
+            files,
+            acks,
+            sync_dir,
+        })
+    }
+
+    /// A job from [`begin_sync`](Self::begin_sync) failed: marks what it carried as not
+    /// yet durable again, so the next sync retries it.
+    pub fn sync_failed(&mut self, job: SyncJob) {
+        for (path, file) in job.files {
+            if path == self.active.path {
+                self.active.unsynced = true;
+            } else if let Some(first_id) = path
+                .file_name()
+                .and_then(|name| name.to_str())
+                .and_then(format::parse_segment_file_name)
+                .filter(|first_id| self.sealed.iter().any(|s| s.first_id == *first_id))
+            {
+                self.unsynced_sealed.push((first_id, file));
+            }
+        }
+        if job.acks.is_some() {
+            self.acks_dirty = true;
+        }
+        if job.sync_dir {
+            self.dir_dirty = true;
+        }
     }
 
     /// The next unacked record after the read cursor, or `None` when the reader has caught
@@ -377,6 +422,17 @@ impl DiskQueue {
         self.acks_dirty = true;
         self.delete_acked_segments()?;
         Ok(Evicted { records, bytes })
+    }
+
+    /// Frees the bytes of acked records still held by the active segment, when every
+    /// record is acked: afterwards an empty queue holds [`EMPTY_QUEUE_BYTES`] only.
+    ///
+    /// [`append`](Self::append) does this by itself when it runs out of room; a caller that
+    /// enforces a shared limit over several queues calls it before deciding it is full.
+    ///
+    /// [`EMPTY_QUEUE_BYTES`]: crate::EMPTY_QUEUE_BYTES
+    pub fn reclaim_acked(&mut self) -> Result<(), BufferError> {
+        self.reclaim_acked_active()
     }
 
     /// Unacked records, including those read but not yet acked.
@@ -555,6 +611,45 @@ impl DiskQueue {
     }
 }
 
+/// The slow half of a [`DiskQueue::sync`]: fdatasyncs, the ack position file and the
+/// directory fsync, detached from the queue (see [`DiskQueue::begin_sync`]).
+#[derive(Debug, Default)]
+pub struct SyncJob {
+    /// The queue directory; `None` for a job with nothing to do.
+    dir: Option<PathBuf>,
+    /// Segment files with data not yet fdatasynced.
+    files: Vec<(PathBuf, Arc<File>)>,
+    /// The ack position to persist, when it changed.
+    acks: Option<AckSet>,
+    /// Whether the directory must be fsynced.
+    sync_dir: bool,
+}
+
+impl SyncJob {
+    /// Whether running the job would touch the disk at all.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.acks.is_none() && !self.sync_dir
+    }
+
+    /// Makes durable what the job carries: data first, then the ack position, then the
+    /// directory entries (new or deleted segments, the renamed ack file).
+    pub fn run(&self) -> Result<(), BufferError> {
+        for (path, file) in &self.files {
+            file.sync_data().at(path)?;
+        }
+        let Some(dir) = &self.dir else {
+            return Ok(());
+        };
+        if let Some(acks) = &self.acks {
+            ack_file::store(dir, acks)?;
+        }
+        if self.sync_dir {
+            fsutil::sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for DiskQueue {
     /// Best effort: hands pending appends to the OS and persists the ack position, so a
     /// clean shutdown without `sync` neither loses records nor re-delivers acked ones.
@@ -580,7 +675,7 @@ fn create_active(dir: &Path, first_id: u64) -> Result<Active, BufferError> {
     Ok(Active {
         first_id,
         path,
-        file,
+        file: Arc::new(file),
         file_len: SEGMENT_HEADER_LEN,
         pending: Vec::new(),
         pending_first_id: first_id,
@@ -596,7 +691,7 @@ fn reopen_active(dir: &Path, first_id: u64, len: u64, next_id: u64) -> Result<Ac
     Ok(Active {
         first_id,
         path,
-        file,
+        file: Arc::new(file),
         file_len: len,
         pending: Vec::new(),
         pending_first_id: next_id,

@@ -19,12 +19,17 @@ mod queue;
 mod reader;
 mod recovery;
 
-pub use disk::DiskQueue;
+pub use disk::{DiskQueue, SyncJob};
 pub use error::BufferError;
 pub use memory::MemoryQueue;
 pub use options::{DEFAULT_MAX_RECORD_BYTES, DEFAULT_SEGMENT_BYTES, DiskQueueOptions};
 pub use queue::Queue;
 pub use recovery::RecoveryReport;
+
+/// Bytes of framing a [`DiskQueue`] adds in front of every record (length and checksum).
+pub const RECORD_FRAMING_BYTES: u64 = format::RECORD_HEADER_LEN;
+/// Bytes an empty [`DiskQueue`] holds: its active segment's header.
+pub const EMPTY_QUEUE_BYTES: u64 = format::SEGMENT_HEADER_LEN;
 
 /// Identifies a record: increasing in append order, never reused, stable across restarts.
 pub type RecordId = u64;

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::disk::DiskQueue;
+use crate::disk::{DiskQueue, SyncJob};
 use crate::error::BufferError;
 use crate::memory::MemoryQueue;
 use crate::{Evicted, RecordId};
@@ -46,6 +46,21 @@ impl Queue {
         delegate!(self.sync())
     }
 
+    /// See [`DiskQueue::begin_sync`]; a memory queue's job does nothing.
+    pub fn begin_sync(&mut self) -> Result<SyncJob, BufferError> {
+        match self {
+            Queue::Disk(queue) => queue.begin_sync(),
+            Queue::Memory(_) => Ok(SyncJob::default()),
+        }
+    }
+
+    /// See [`DiskQueue::sync_failed`].
+    pub fn sync_failed(&mut self, job: SyncJob) {
+        if let Queue::Disk(queue) = self {
+            queue.sync_failed(job);
+        }
+    }
+
     /// See [`DiskQueue::read_next`].
     pub fn read_next(&mut self) -> Result<Option<(RecordId, Bytes)>, BufferError> {
         delegate!(self.read_next())
@@ -64,6 +79,20 @@ impl Queue {
     /// See [`DiskQueue::evict_oldest`] and [`MemoryQueue::evict_oldest`].
     pub fn evict_oldest(&mut self) -> Result<Evicted, BufferError> {
         delegate!(self.evict_oldest())
+    }
+
+    /// See [`DiskQueue::reclaim_acked`].
+    pub fn reclaim_acked(&mut self) -> Result<(), BufferError> {
+        delegate!(self.reclaim_acked())
+    }
+
+    /// Whether the queue is on disk (and so holds [`EMPTY_QUEUE_BYTES`] and adds
+    /// [`RECORD_FRAMING_BYTES`] per record).
+    ///
+    /// [`EMPTY_QUEUE_BYTES`]: crate::EMPTY_QUEUE_BYTES
+    /// [`RECORD_FRAMING_BYTES`]: crate::RECORD_FRAMING_BYTES
+    pub fn is_disk(&self) -> bool {
+        matches!(self, Queue::Disk(_))
     }
 
     /// See [`DiskQueue::len`].

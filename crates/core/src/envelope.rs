@@ -12,7 +12,7 @@ use crate::{Event, PayloadFormat};
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputFormat {
-    /// `{"device", "kind", "received_at", "source", "payload"}`.
+    /// `{"id", "device", "kind", "received_at", "source", "payload"}`.
     #[default]
     Envelope,
     /// The device's JSON unchanged.
@@ -55,7 +55,10 @@ pub fn write_batch<'a>(
 }
 
 fn write_envelope(event: &Event, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"device\":");
+    // The id's alphabet needs no JSON escaping.
+    out.extend_from_slice(b"{\"id\":\"");
+    out.extend_from_slice(&event.id().to_text());
+    out.extend_from_slice(b"\",\"device\":");
     write_json_string(event.device.as_str(), out);
     out.extend_from_slice(b",\"kind\":\"");
     out.extend_from_slice(event.kind.as_str().as_bytes());
@@ -127,12 +130,14 @@ mod tests {
     #[test]
     fn envelope_keeps_payload_unchanged() {
         let mut out = Vec::new();
-        write_event(
-            OutputFormat::Envelope,
-            &event(b" {\"temp\": 21.5, \"x\":[1,2]}\r", PayloadFormat::Json),
-            &mut out,
-        );
+        let event = event(b" {\"temp\": 21.5, \"x\":[1,2]}\r", PayloadFormat::Json);
+        write_event(OutputFormat::Envelope, &event, &mut out);
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(value["id"], event.id().to_string());
+        assert_eq!(
+            value["id"].as_str().unwrap().len(),
+            crate::EVENT_ID_TEXT_LEN
+        );
         assert_eq!(value["device"], "dev-1");
         assert_eq!(value["kind"], "telemetry");
         assert_eq!(value["received_at"], "2025-11-26T07:49:09.123Z");

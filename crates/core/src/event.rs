@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::EventId;
+
 /// A device's identity as it named itself (hello frame, message field, or certificate).
 ///
 /// Cheap to clone: one connection's events all share the same allocation.
@@ -139,6 +141,8 @@ pub enum PayloadFormat {
 /// One thing a device said, as it travels through the gateway.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// Set once at receipt, kept in the buffer record: see [`Event::id`].
+    pub(crate) id: EventId,
     /// Who sent it.
     pub device: DeviceId,
     /// What it is about.
@@ -158,7 +162,7 @@ pub struct Event {
 }
 
 impl Event {
-    /// An event with the kind's default priority and no device time.
+    /// An event with the kind's default priority, no device time and a new [`EventId`].
     pub fn new(
         device: DeviceId,
         kind: EventKind,
@@ -168,6 +172,7 @@ impl Event {
         payload: Bytes,
     ) -> Self {
         Self {
+            id: EventId::generate(),
             device,
             kind,
             priority: kind.default_priority(),
@@ -177,5 +182,12 @@ impl Event {
             format,
             payload,
         }
+    }
+
+    /// The event's id: unique per gateway (across restarts too), given at receipt and the
+    /// same on every redelivery, so a consumer can drop duplicates exactly. Copies of the
+    /// event (one per sink) share it.
+    pub fn id(&self) -> EventId {
+        self.id
     }
 }

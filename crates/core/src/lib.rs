@@ -8,7 +8,9 @@
 
 pub mod envelope;
 mod event;
+mod id;
 mod record;
 
 pub use event::{DeviceId, Event, EventKind, PayloadFormat, Priority};
+pub use id::{EVENT_ID_TEXT_LEN, EventId};
 pub use record::DecodeError;

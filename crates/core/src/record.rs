@@ -4,7 +4,8 @@
 //! buffers stay readable after an upgrade:
 //!
 //! ```text
-//! u8  version (1)
+//! u8  version (2; 1 = the same without the id)
+//! [u8; 12] event id (version 2 only)
 //! u8  kind code
 //! u8  priority (0 high, 1 normal)
 //! u8  format (0 json, 1 binary)
@@ -20,9 +21,14 @@ use std::sync::Arc;
 use bytes::{BufMut, Bytes};
 use thiserror::Error;
 
-use crate::{DeviceId, Event, EventKind, PayloadFormat, Priority};
+use crate::{DeviceId, Event, EventId, EventKind, PayloadFormat, Priority};
 
-const VERSION: u8 = 1;
+/// The format written.
+const VERSION: u8 = 2;
+/// The format before events had ids; still read (the id is then derived from the record).
+const VERSION_WITHOUT_ID: u8 = 1;
+/// Bytes of the id in a version 2 record.
+const ID_LEN: usize = 12;
 
 /// Why a buffer record could not be read back as an event.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -48,6 +54,7 @@ impl Event {
     /// smaller limits, so this never happens to a real event.
     pub fn encode(&self, out: &mut impl BufMut) {
         out.put_u8(VERSION);
+        out.put_slice(&self.id.to_bytes());
         out.put_u8(self.kind.code());
         out.put_u8(match self.priority {
             Priority::High => 0,
@@ -70,9 +77,25 @@ impl Event {
         out.put_slice(&self.payload);
     }
 
+    /// The longest record form of an event whose payload, device id and source name are
+    /// at most these lengths: what a buffer must hold for a source's largest frame.
+    pub fn max_encoded_len(payload_len: u64, device_id_len: usize, source_len: usize) -> u64 {
+        let header = 4
+            + ID_LEN
+            + 8
+            + 1
+            + 8
+            + 2
+            + device_id_len.min(usize::from(u16::MAX))
+            + 2
+            + source_len.min(usize::from(u16::MAX));
+        payload_len.saturating_add(header as u64)
+    }
+
     /// Size of the record form, for sizing a buffer before `encode`.
     pub fn encoded_len(&self) -> usize {
-        4 + 8
+        4 + ID_LEN
+            + 8
             + 1
             + if self.device_time_ms.is_some() { 8 } else { 0 }
             + 2
@@ -88,10 +111,15 @@ impl Event {
             data: &record,
             at: 0,
         };
-        let version = reader.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::Version(version));
-        }
+        let stored_id = match reader.u8()? {
+            VERSION => {
+                let mut id = [0u8; ID_LEN];
+                id.copy_from_slice(reader.take(ID_LEN)?);
+                Some(EventId::from_bytes(id))
+            }
+            VERSION_WITHOUT_ID => None,
+            version => return Err(DecodeError::Version(version)),
+        };
         let kind =
             EventKind::from_code(reader.u8()?).ok_or(DecodeError::Invalid { field: "kind" })?;
         let priority = match reader.u8()? {
@@ -117,7 +145,9 @@ impl Event {
         let device = DeviceId::new(reader.short_str("device id")?);
         let source: Arc<str> = Arc::from(reader.short_str("source")?);
         let payload = record.slice(reader.at..);
+        let id = stored_id.unwrap_or_else(|| EventId::legacy(&record, received_at_ms));
         Ok(Event {
+            id,
             device,
             kind,
             priority,
@@ -193,6 +223,7 @@ mod tests {
         )
             .prop_map(
                 |(device, kind, high, binary, received, device_time, source, payload)| Event {
+                    id: EventId::generate(),
                     device: DeviceId::new(&device),
                     kind: EventKind::ALL[kind],
                     priority: if high {
@@ -219,6 +250,14 @@ mod tests {
             let mut out = Vec::new();
             event.encode(&mut out);
             prop_assert_eq!(out.len(), event.encoded_len());
+            prop_assert!(
+                out.len() as u64
+                    <= Event::max_encoded_len(
+                        event.payload.len() as u64,
+                        event.device.as_str().len(),
+                        event.source.len()
+                    )
+            );
             prop_assert_eq!(Event::decode(Bytes::from(out)).unwrap(), event);
         }
 
@@ -237,6 +276,58 @@ mod tests {
                 prop_assert!(Event::decode(Bytes::from(out[..cut].to_vec())).is_err());
             }
         }
+    }
+
+    #[test]
+    fn version_1_records_still_decode_with_a_stable_id() {
+        // A version 1 record as the previous release wrote it: alarm, high, json, no
+        // device time, device "dev-1", source "devices".
+        let mut record = vec![1, 2, 0, 0];
+        record.extend_from_slice(&1_764_143_349_123_u64.to_le_bytes());
+        record.push(0);
+        record.extend_from_slice(&5u16.to_le_bytes());
+        record.extend_from_slice(b"dev-1");
+        record.extend_from_slice(&7u16.to_le_bytes());
+        record.extend_from_slice(b"devices");
+        record.extend_from_slice(b"{\"smoke\":true}");
+        let event = Event::decode(Bytes::from(record.clone())).unwrap();
+        assert_eq!(event.kind, EventKind::Alarm);
+        assert_eq!(event.device.as_str(), "dev-1");
+        assert_eq!(&event.payload[..], b"{\"smoke\":true}");
+        // The same id every time the record is read, so redeliveries stay recognisable.
+        let again = Event::decode(Bytes::from(record)).unwrap();
+        assert_eq!(event.id(), again.id());
+        assert_eq!(event.id().timestamp_ms(), 1_764_143_349_123);
+        // Written again (version 2), it keeps that id.
+        let mut out = Vec::new();
+        event.encode(&mut out);
+        assert_eq!(out[0], 2);
+        assert_eq!(Event::decode(Bytes::from(out)).unwrap().id(), event.id());
+    }
+
+    #[test]
+    fn the_id_survives_the_buffer_and_new_events_get_new_ids() {
+        let event = Event::new(
+            DeviceId::new("dev-1"),
+            EventKind::Telemetry,
+            Arc::from("devices"),
+            1,
+            PayloadFormat::Json,
+            Bytes::from_static(b"{}"),
+        );
+        let mut out = Vec::new();
+        event.encode(&mut out);
+        assert_eq!(Event::decode(Bytes::from(out)).unwrap().id(), event.id());
+        assert_eq!(event.clone().id(), event.id());
+        let other = Event::new(
+            DeviceId::new("dev-1"),
+            EventKind::Telemetry,
+            Arc::from("devices"),
+            1,
+            PayloadFormat::Json,
+            Bytes::from_static(b"{}"),
+        );
+        assert_ne!(other.id(), event.id());
     }
 
     #[test]

@@ -340,6 +340,7 @@ impl MqttSink<'_> {
             payload: Bytes::from(payload),
             qos: 2,
             retain: deliveries.len() == 1 && first.kind == EventKind::Status,
+            event_id: (deliveries.len() == 1).then(|| first.id().to_string()),
         }
     }
 
@@ -565,7 +566,7 @@ impl MqttSink<'_> {
                     retain: message.retain,
                     dup,
                     id,
-                    event_id: None,
+                    event_id: message.event_id.as_deref(),
                 };
                 // It fitted when first sent; a smaller limit now is the broker's change
                 // of mind, and a refusal will come back as a reason code or a disconnect.
@@ -804,7 +805,7 @@ impl MqttSink<'_> {
                 .is_some_and(|retry| retry.due <= Instant::now())
             {
                 if let Some(retry) = self.retries.pop_front() {
-                    self.send(retry.message, retry.carried, None, connection);
+                    self.send(retry.message, retry.carried, connection);
                 }
                 continue;
             }
@@ -853,6 +854,7 @@ impl MqttSink<'_> {
             payload: Bytes::from(payload),
             qos,
             retain,
+            event_id: Some(delivery.event.id().to_string()),
         };
         self.publish(message, vec![delivery], connection).await;
     }
@@ -928,6 +930,7 @@ impl MqttSink<'_> {
             payload: Bytes::from(payload),
             qos,
             retain: false,
+            event_id: None,
         };
         self.publish(message, group, connection).await;
     }
@@ -939,7 +942,6 @@ impl MqttSink<'_> {
         deliveries: Vec<Delivery>,
         connection: &mut Connection,
     ) {
-        let event_id = None;
         let size = self.codec.publish_size(&PublishOut {
             topic: &message.topic,
             payload: &message.payload,
@@ -947,7 +949,7 @@ impl MqttSink<'_> {
             retain: message.retain,
             dup: false,
             id: 1,
-            event_id,
+            event_id: message.event_id.as_deref(),
         });
         if size > self.max_packet {
             tracing::warn!(
@@ -962,17 +964,11 @@ impl MqttSink<'_> {
                 .await;
             return;
         }
-        self.send(message, Carried::Records(deliveries), event_id, connection);
+        self.send(message, Carried::Records(deliveries), connection);
     }
 
     /// Encodes a publish; QoS 0 is settled at once, QoS 1/2 take a packet id.
-    fn send(
-        &mut self,
-        message: Message,
-        carried: Carried,
-        event_id: Option<&str>,
-        connection: &mut Connection,
-    ) {
+    fn send(&mut self, message: Message, carried: Carried, connection: &mut Connection) {
         if message.qos == 0 {
             let publish = PublishOut {
                 topic: &message.topic,
@@ -981,7 +977,7 @@ impl MqttSink<'_> {
                 retain: message.retain,
                 dup: false,
                 id: 0,
-                event_id,
+                event_id: message.event_id.as_deref(),
             };
             if let Err(err) =
                 self.codec
@@ -1002,6 +998,7 @@ impl MqttSink<'_> {
         }
         let topic = message.topic.clone();
         let payload = message.payload.clone();
+        let event_id = message.event_id.clone();
         let (qos, retain) = (message.qos, message.retain);
         let records: Vec<RecordRef> = match (&carried, &self.qos2_log) {
             (Carried::Records(deliveries), Some(_)) if qos == 2 => deliveries
@@ -1028,7 +1025,7 @@ impl MqttSink<'_> {
             retain,
             dup: false,
             id,
-            event_id,
+            event_id: event_id.as_deref(),
         };
         if let Err(err) = self
             .codec
@@ -1049,8 +1046,9 @@ impl MqttSink<'_> {
             payload: Bytes::from_static(status),
             qos: 1,
             retain: true,
+            event_id: None,
         };
-        self.send(message, Carried::Status, None, connection);
+        self.send(message, Carried::Status, connection);
     }
 
     /// Publishes the clean `offline`, waits briefly for its ack, then disconnects.

@@ -28,6 +28,8 @@ pub struct Message {
     pub qos: u8,
     /// Retain flag.
     pub retain: bool,
+    /// The event id, sent as the MQTT 5 user property `id` (single-event publishes).
+    pub event_id: Option<String>,
 }
 
 /// Where a publish is in its handshake.
@@ -282,6 +284,7 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             qos,
             retain: false,
+            event_id: None,
         }
     }
 

@@ -167,7 +167,7 @@ impl Connection {
                             return CloseReason::WriteFailed;
                         }
                         if let Some(commands) = &self.shared.services.commands {
-                            commands.delivered(&command.device, &command.id);
+                            commands.delivered(&command.device, &command.id).await;
                         }
                     }
                 }
@@ -299,7 +299,7 @@ impl Connection {
             registry.record_message(device.as_str(), frame.len() as u64, now_ms());
         }
         if let (Some(commands), Some(command_id)) = (&self.shared.services.commands, &command_id) {
-            commands.result(&device, command_id, &frame);
+            commands.result(&device, command_id, &frame).await;
         }
         let mut event = Event::new(
             device,
@@ -485,7 +485,7 @@ impl Connection {
         )
         .await;
         if let Some(commands) = &self.shared.services.commands {
-            commands.deliver_pending(&device);
+            commands.deliver_pending(&device).await;
         }
     }
 

@@ -1,12 +1,15 @@
 //! A device's byte stream: plain TCP or TLS, with reads that hold no buffer while idle.
 
 use std::io;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+/// How long closing a connection may wait for the peer to take the last bytes.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes taken per read from a plain socket.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -73,12 +76,17 @@ impl DeviceStream {
         }
     }
 
-    /// Closes the write side politely.
+    /// Closes the write side politely, giving up after [`SHUTDOWN_TIMEOUT`]: a TLS close
+    /// must send `close_notify` (and whatever is still buffered), which waits forever on a
+    /// peer that stopped reading.
     pub async fn shutdown(&mut self) {
-        // The peer may already be gone; nothing to do about it then.
-        let _closed = match self {
-            DeviceStream::Plain(stream) => stream.shutdown().await,
-            DeviceStream::Tls(stream) => stream.shutdown().await,
+        let close = async {
+            match self {
+                DeviceStream::Plain(stream) => stream.shutdown().await,
+                DeviceStream::Tls(stream) => stream.shutdown().await,
+            }
         };
+        // The peer may already be gone, or not reading; nothing to do about it then.
+        let _closed = tokio::time::timeout(SHUTDOWN_TIMEOUT, close).await;
     }
 }
