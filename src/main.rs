@@ -7,6 +7,7 @@ mod buffer;
 mod cli_devices;
 mod commands;
 mod config;
+mod data_dir;
 mod pipeline;
 mod registry;
 mod sinks;

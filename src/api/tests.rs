@@ -65,9 +65,14 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
     let registry = Registry::open_with_clock(options, Arc::clone(&clock) as _)
         .unwrap_or_else(|err| panic!("{err}"));
     let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(super::admin::AdminAuth::with_throttle(
+        admin_token,
+        &metrics,
+        throttle.clone(),
+    ));
     let v1 = Arc::new(V1State::with_throttle(
         Arc::new(registry),
-        admin_token.map(str::to_owned),
+        Arc::clone(&admin),
         true,
         Arc::clone(&metrics),
         throttle,
@@ -76,7 +81,7 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(true),
         debug: Arc::new(DebugState {
-            admin_token: admin_token.map(str::to_owned),
+            admin,
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: Some(Arc::clone(&v1)),
@@ -992,7 +997,7 @@ async fn routes_are_absent_without_a_registry() {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(true),
         debug: Arc::new(DebugState {
-            admin_token: None,
+            admin: Arc::new(super::admin::AdminAuth::new(None, &metrics)),
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: None,

@@ -57,6 +57,8 @@ struct State {
     commands: HashMap<String, Vec<Command>>,
     /// Devices whose live status or counters changed since the last flush.
     dirty: HashSet<String>,
+    /// The next credential version to hand out (store-wide, never reused).
+    next_version: u64,
 }
 
 impl State {
@@ -149,6 +151,7 @@ impl State {
                     device_id,
                     command_id,
                 } => self.delete_command(&device_id, &command_id),
+                Write::SetNextVersion(next) => self.next_version = next,
             }
         }
     }
@@ -252,7 +255,10 @@ impl Registry {
             }
         }
         let (store, loaded) = Store::open(&options.path)?;
-        let mut state = State::default();
+        let mut state = State {
+            next_version: loaded.next_version,
+            ..State::default()
+        };
         for mut record in loaded.devices {
             // Nobody is connected to a gateway that just started.
             if record.device.status == DeviceStatus::Online {
@@ -349,6 +355,20 @@ impl Registry {
             })
     }
 
+    /// `count` fresh credential versions (the first is returned) and the write that retires
+    /// them; commit the write with the records that use them. Call with the writer lock held.
+    fn allocate_versions(&self, count: usize) -> Result<(u64, Write), RegistryError> {
+        let first = self.read().next_version;
+        let next = u64::try_from(count)
+            .ok()
+            .and_then(|count| first.checked_add(count))
+            .ok_or_else(|| RegistryError::Storage {
+                path: self.options.path.clone(),
+                source: "credential versions exhausted".into(),
+            })?;
+        Ok((first, Write::SetNextVersion(next)))
+    }
+
     fn broadcast_revocation(&self, id: &str) {
         // No receiver is fine: nobody has a session to close.
         self.revocations.send(id.to_owned()).ok();
@@ -389,7 +409,7 @@ impl Registry {
         })
     }
 
-    fn access_token(&self, device_id: &str, version: u32, now_ms: u64) -> String {
+    fn access_token(&self, device_id: &str, version: u64, now_ms: u64) -> String {
         let iat = now_ms / 1000;
         let claims = jwt::Claims {
             iss: self.options.gateway_id.clone(),
@@ -484,10 +504,13 @@ impl Registry {
                 }
             }
         }
-        let mut writes = Vec::with_capacity(prepared.len());
+        let (first_version, next_version) = self.allocate_versions(prepared.len())?;
+        let mut writes = Vec::with_capacity(prepared.len() + 1);
+        writes.push(next_version);
         let mut provisioned = Vec::with_capacity(prepared.len());
-        for mut record in prepared {
+        for (version, mut record) in (first_version..).zip(prepared) {
             record.device.created_at_ms = now_ms;
+            record.credential_version = version;
             let issued = self.issue(&mut record, true, now_ms)?;
             provisioned.push(Provisioned {
                 device: record.device.clone(),
@@ -643,9 +666,10 @@ impl Registry {
                 "device {id:?} is revoked"
             )));
         }
-        record.credential_version = record.credential_version.wrapping_add(1);
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
         let issued = self.issue(&mut record, true, now_ms)?;
-        self.commit(vec![Write::PutDevice(Box::new(record))])?;
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])?;
         self.broadcast_revocation(id);
         let device = self
             .get_device(id)
@@ -665,8 +689,9 @@ impl Registry {
         record.device.status = DeviceStatus::Revoked;
         record.secret_hash = None;
         record.refresh_hash = None;
-        record.credential_version = record.credential_version.wrapping_add(1);
-        self.commit(vec![Write::PutDevice(Box::new(record))])?;
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])?;
         self.broadcast_revocation(id);
         self.get_device(id)
             .ok_or_else(|| RegistryError::device_not_found(id))
@@ -882,6 +907,18 @@ impl Registry {
                         reason: "already registered with a different public key".into(),
                     });
                 }
+                // A provisioning token and a MAC/IMEI are not proof of identity: only a
+                // signature by the registered key (checked above) is.
+                if record.device.public_key.is_none() {
+                    return Err(RegistryError::Conflict {
+                        what: "device",
+                        id: record.device.id.clone(),
+                        reason: "already registered; re-registering needs a signature by the \
+                                 device's registered key, or an admin re-provision \
+                                 (POST /api/v1/devices/{id}/rotate)"
+                            .into(),
+                    });
+                }
                 for (stored, given, field) in [
                     (&record.device.mac, &mac, "MAC"),
                     (&record.device.imei, &imei, "IMEI"),
@@ -908,7 +945,6 @@ impl Registry {
                 if request.model.is_some() {
                     record.device.model = request.model;
                 }
-                record.credential_version = record.credential_version.wrapping_add(1);
                 (record, true)
             }
             Err(id) => (
@@ -930,10 +966,13 @@ impl Registry {
                 false,
             ),
         };
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
         let issued = self.issue(&mut record, true, now_ms)?;
         token.token.uses += 1;
         let id = record.device.id.clone();
         self.commit(vec![
+            next_version,
             Write::PutToken(token),
             Write::PutDevice(Box::new(record)),
         ])?;
@@ -986,6 +1025,7 @@ impl Registry {
             &self.jwt_key,
             &self.options.gateway_id,
             now_ms / 1000,
+            self.options.jwt_ttl.as_secs(),
         )?;
         let state = self.read();
         let record = state
@@ -1015,8 +1055,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Trade a refresh token (single use) for a new access and refresh token. A storage
-    /// failure is reported as `BadCredentials` and leaves the old refresh token valid.
+    /// Trade a refresh token (single use) for a new access and refresh token. The device's
+    /// older access tokens stop working (its credential version moves on); open sessions stay.
+    /// A storage failure is reported as `BadCredentials` and leaves the old tokens valid.
     pub fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
         if refresh_token.is_empty() || refresh_token.len() > MAX_CREDENTIAL_LEN {
             return Err(AuthError::Malformed);
@@ -1042,10 +1083,14 @@ impl Registry {
         if now_ms >= record.refresh_expires_at_ms {
             return Err(AuthError::Expired);
         }
+        let (version, next_version) = self
+            .allocate_versions(1)
+            .map_err(|_| AuthError::BadCredentials)?;
+        record.credential_version = version;
         let issued = self
             .issue(&mut record, false, now_ms)
             .map_err(|_| AuthError::BadCredentials)?;
-        self.commit(vec![Write::PutDevice(Box::new(record))])
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])
             .map_err(|_| AuthError::BadCredentials)?;
         Ok(issued.tokens)
     }
