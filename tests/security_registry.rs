@@ -455,3 +455,47 @@ async fn finding_12_refresh_revokes_the_old_access_token() {
     .await;
     assert_eq!(reply["type"], "welcome", "{reply}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_key_rotation_keeps_issued_tokens_working() {
+    let setup = start("").await;
+    let api = setup.gateway.api;
+    let before = add_device(api, "dev-k").await;
+    let (status, rotated) = admin(api, "POST", "/api/v1/jwt-key/rotate", None).await;
+    assert_eq!(status, 200, "{rotated}");
+    assert!(
+        rotated["previous_key_valid_until_ms"].as_u64().is_some(),
+        "{rotated}"
+    );
+    let reply = hello_from(
+        [127, 0, 0, 1],
+        setup.devices,
+        "dev-k",
+        text(&before, "/tokens/access_token"),
+    )
+    .await;
+    assert_eq!(
+        reply["type"], "welcome",
+        "old-key JWT refused in its grace period: {reply}"
+    );
+    let after = add_device(api, "dev-l").await;
+    let reply = hello_from(
+        [127, 0, 0, 1],
+        setup.devices,
+        "dev-l",
+        text(&after, "/tokens/access_token"),
+    )
+    .await;
+    assert_eq!(reply["type"], "welcome", "{reply}");
+    // Without the admin token the route is refused.
+    let (status, _, _) = request_from(
+        [127, 0, 0, 2],
+        api,
+        "POST",
+        "/api/v1/jwt-key/rotate",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+}

@@ -10,12 +10,14 @@
 //! - Failures are counted in `fieldgate_auth_failures_total{source="api_admin"}`, logged with
 //!   the reason (never the token), and throttled per source address: an attacker's failures
 //!   never lock the admin out of another address.
+//!
+//! Also the admin route over the gateway's own secret: `POST /api/v1/jwt-key/rotate`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 use fieldgate_registry::{AuthThrottle, ThrottleConfig};
@@ -24,8 +26,8 @@ use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 use tokio::time::Instant;
 
-use super::extract::{ClientIp, bearer};
-use super::problem::ApiError;
+use super::extract::{ClientIp, JsonResponse, bearer, ok};
+use super::problem::{ApiError, Problem};
 use super::v1::V1State;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::SourceLabel;
@@ -211,6 +213,37 @@ impl FromRequestParts<Arc<V1State>> for Admin {
             )),
         }
     }
+}
+
+/// The answer of `POST /api/v1/jwt-key/rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct JwtKeyRotated {
+    /// Until when (ms since the Unix epoch) tokens signed with the previous key still verify.
+    pub previous_key_valid_until_ms: u64,
+}
+
+/// Replaces the JWT signing key: new tokens are signed with a fresh key at once; tokens signed
+/// with the previous one keep working for `registry.jwt_ttl`, so no device notices.
+#[utoipa::path(post, path = "/api/v1/jwt-key/rotate", tag = "devices",
+    responses(
+        (status = 200, description = "Rotated", body = JwtKeyRotated),
+        (status = 401, description = "Missing or wrong admin token", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = [])))]
+pub async fn rotate_jwt_key(
+    _admin: Admin,
+    State(state): State<Arc<V1State>>,
+) -> Result<JsonResponse<JwtKeyRotated>, ApiError> {
+    let until = state
+        .blocking(|registry| registry.rotate_jwt_key())
+        .await??;
+    tracing::info!(
+        previous_key_valid_until_ms = until,
+        "JWT signing key rotated"
+    );
+    Ok(ok(JwtKeyRotated {
+        previous_key_valid_until_ms: until,
+    }))
 }
 
 #[cfg(test)]

@@ -168,6 +168,7 @@ pub fn router(state: Arc<V1State>) -> Router {
                 .delete(devices::delete),
         )
         .route("/api/v1/devices/{id}/rotate", post(devices::rotate))
+        .route("/api/v1/jwt-key/rotate", post(super::admin::rotate_jwt_key))
         .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
         .route("/api/v1/devices/{id}/status", get(devices::status))
         .route(

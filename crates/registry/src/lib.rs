@@ -22,7 +22,8 @@
 //!   rotation, refresh, re-registration and revocation each take a fresh one from a store-wide
 //!   counter kept in the file, which kills every older JWT at once, and a version never repeats
 //!   for an id, even after delete and re-add. A JWT whose lifetime `exp - iat` exceeds
-//!   `jwt_ttl` is refused.
+//!   `jwt_ttl` is refused. [`Registry::rotate_jwt_key`] replaces the key; the previous one
+//!   keeps verifying for `jwt_ttl` (both are in the file).
 //! - **Randomness: `getrandom`** (already in the tree through `ring`).
 //! - **Time** comes from a [`Clock`] ([`SystemClock`], or [`ManualClock`] in tests); calls that
 //!   the daemon drives take `now_ms` explicitly.

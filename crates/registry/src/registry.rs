@@ -59,6 +59,10 @@ struct State {
     dirty: HashSet<String>,
     /// The next credential version to hand out (store-wide, never reused).
     next_version: u64,
+    /// Signs new JWTs and verifies them.
+    jwt_key: [u8; 32],
+    /// The signing key before the last rotation: still verifies until the time (ms).
+    previous_jwt_key: Option<([u8; 32], u64)>,
 }
 
 impl State {
@@ -152,6 +156,14 @@ impl State {
                     command_id,
                 } => self.delete_command(&device_id, &command_id),
                 Write::SetNextVersion(next) => self.next_version = next,
+                Write::SetJwtKeys {
+                    current,
+                    previous,
+                    previous_until_ms,
+                } => {
+                    self.jwt_key = current;
+                    self.previous_jwt_key = Some((previous, previous_until_ms));
+                }
             }
         }
     }
@@ -211,7 +223,6 @@ pub struct Registry {
     options: RegistryOptions,
     clock: Arc<dyn Clock>,
     store: Store,
-    jwt_key: [u8; 32],
     state: RwLock<State>,
     writer: Mutex<()>,
     challenges: Mutex<Challenges>,
@@ -257,6 +268,8 @@ impl Registry {
         let (store, loaded) = Store::open(&options.path)?;
         let mut state = State {
             next_version: loaded.next_version,
+            jwt_key: loaded.jwt_key,
+            previous_jwt_key: loaded.previous_jwt_key,
             ..State::default()
         };
         for mut record in loaded.devices {
@@ -285,7 +298,6 @@ impl Registry {
             options,
             clock,
             store,
-            jwt_key: loaded.jwt_key,
             state: RwLock::new(state),
             writer: Mutex::new(()),
             challenges: Mutex::new(Challenges::default()),
@@ -419,7 +431,8 @@ impl Registry {
             typ: jwt::ACCESS.to_owned(),
             ver: version,
         };
-        jwt::sign(&claims, &self.jwt_key)
+        let key = self.read().jwt_key;
+        jwt::sign(&claims, &key)
     }
 
     // ---------------------------------------------------------------- devices (admin)
@@ -702,6 +715,24 @@ impl Registry {
     /// `RecvError::Lagged`, re-check every session with [`Registry::session_valid`].
     pub fn revocations(&self) -> broadcast::Receiver<String> {
         self.revocations.subscribe()
+    }
+
+    /// Replace the JWT signing key with a fresh random one. New tokens are signed with the new
+    /// key at once; tokens signed with the old one keep verifying for `jwt_ttl` (by then every
+    /// one of them has expired), so no device notices. Only the last old key is kept: a second
+    /// rotation within `jwt_ttl` ends the first one's grace period early. Returns the end of
+    /// the grace period (ms since the epoch).
+    pub fn rotate_jwt_key(&self) -> Result<u64, RegistryError> {
+        let current = self.random()?;
+        let _writer = self.lock_writer();
+        let previous = self.read().jwt_key;
+        let previous_until_ms = self.now_ms().saturating_add(ms(self.options.jwt_ttl));
+        self.commit(vec![Write::SetJwtKeys {
+            current,
+            previous,
+            previous_until_ms,
+        }])?;
+        Ok(previous_until_ms)
     }
 
     /// Whether a session opened for `device_id` may stay open (device exists, not revoked).
@@ -1020,14 +1051,22 @@ impl Registry {
 
     /// [`Registry::authenticate_jwt`] at a given time (ms since the epoch).
     pub fn authenticate_jwt_at(&self, token: &str, now_ms: u64) -> Result<String, AuthError> {
-        let claims = jwt::verify(
-            token,
-            &self.jwt_key,
-            &self.options.gateway_id,
-            now_ms / 1000,
-            self.options.jwt_ttl.as_secs(),
-        )?;
         let state = self.read();
+        let verify = |key: &[u8; 32]| {
+            jwt::verify(
+                token,
+                key,
+                &self.options.gateway_id,
+                now_ms / 1000,
+                self.options.jwt_ttl.as_secs(),
+            )
+        };
+        let claims = match (verify(&state.jwt_key), state.previous_jwt_key) {
+            (Err(AuthError::BadCredentials), Some((previous, until_ms))) if now_ms < until_ms => {
+                verify(&previous)?
+            }
+            (verified, _) => verified?,
+        };
         let record = state
             .devices
             .get(&claims.sub)

@@ -3,7 +3,9 @@
 //!
 //! Tables (keys → JSON values): `devices` (id → [`DeviceRecord`]), `provisioning_tokens`
 //! (id → [`TokenRecord`]), `commands` ((device id, command id) → [`Command`]), `meta`
-//! (`jwt_key` → 32 raw bytes, `schema` → version, `next_credential_version` → u64 big-endian).
+//! (`jwt_key` → 32 raw bytes, `schema` → version, `next_credential_version` → u64 big-endian,
+//! and after a key rotation `previous_jwt_key` → 32 raw bytes with `previous_jwt_key_until`
+//! → u64 big-endian ms since the epoch).
 //!
 //! `next_credential_version` is the store-wide generation counter: every credential version
 //! handed out comes from it, so a version never repeats for any id, even across delete and
@@ -85,6 +87,12 @@ pub(crate) enum Write {
     },
     /// The next credential version to hand out.
     SetNextVersion(u64),
+    /// A new JWT signing key; the old one still verifies until the given time (ms).
+    SetJwtKeys {
+        current: [u8; 32],
+        previous: [u8; 32],
+        previous_until_ms: u64,
+    },
 }
 
 /// Everything in the file.
@@ -94,6 +102,8 @@ pub(crate) struct Loaded {
     pub(crate) tokens: Vec<TokenRecord>,
     pub(crate) commands: Vec<Command>,
     pub(crate) jwt_key: [u8; 32],
+    /// The key before the last rotation and until when (ms) it still verifies.
+    pub(crate) previous_jwt_key: Option<([u8; 32], u64)>,
     pub(crate) next_version: u64,
 }
 
@@ -215,6 +225,19 @@ impl Store {
             .try_into()
             .map_err(|_| self.error(format!("{NEXT_VERSION} is not 8 bytes")))?;
         loaded.next_version = u64::from_be_bytes(next);
+        let previous = meta
+            .get("previous_jwt_key")
+            .map_err(|e| self.redb(e))?
+            .map(|value| <[u8; 32]>::try_from(value.value()))
+            .transpose()
+            .map_err(|_| self.error("previous_jwt_key is not 32 bytes"))?;
+        let until = meta
+            .get("previous_jwt_key_until")
+            .map_err(|e| self.redb(e))?
+            .map(|value| <[u8; 8]>::try_from(value.value()).map(u64::from_be_bytes))
+            .transpose()
+            .map_err(|_| self.error("previous_jwt_key_until is not 8 bytes"))?;
+        loaded.previous_jwt_key = previous.zip(until);
 
         let devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
         loaded
@@ -301,6 +324,21 @@ impl Store {
                     Write::SetNextVersion(next) => {
                         meta.insert(NEXT_VERSION, next.to_be_bytes().as_slice())
                             .map_err(|e| self.redb(e))?;
+                    }
+                    Write::SetJwtKeys {
+                        current,
+                        previous,
+                        previous_until_ms,
+                    } => {
+                        meta.insert("jwt_key", current.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                        meta.insert("previous_jwt_key", previous.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                        meta.insert(
+                            "previous_jwt_key_until",
+                            previous_until_ms.to_be_bytes().as_slice(),
+                        )
+                        .map_err(|e| self.redb(e))?;
                     }
                 }
             }

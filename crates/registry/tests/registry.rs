@@ -1532,6 +1532,34 @@ fn finding_4_registry_file_is_owner_only() {
     assert_eq!(mode(&loose), 0o600);
 }
 
+/// Key rotation: the old key verifies for `jwt_ttl` (also after a restart), new tokens use
+/// the new key, and after the grace period only the new key verifies.
+#[test]
+fn jwt_key_rotation_has_a_grace_period() {
+    let f = Fixture::new();
+    let before = f.registry.add_device(NewDevice::default()).unwrap();
+    let until = f.registry.rotate_jwt_key().unwrap();
+    assert_eq!(until, T0 + 3_600_000);
+    let after = f.registry.add_device(NewDevice::default()).unwrap();
+    let f = f.reopen();
+    f.registry
+        .authenticate_jwt(&before.tokens.access_token)
+        .unwrap();
+    f.registry
+        .authenticate_jwt(&after.tokens.access_token)
+        .unwrap();
+    // The new key really is new: a refresh issues tokens that verify after the grace period.
+    f.clock.advance(Duration::from_secs(3000));
+    let renewed = f.registry.refresh(&after.tokens.refresh_token).unwrap();
+    f.clock.advance(Duration::from_secs(601));
+    assert_eq!(
+        f.registry.authenticate_jwt(&before.tokens.access_token),
+        Err(AuthError::BadCredentials),
+        "the old key no longer verifies"
+    );
+    f.registry.authenticate_jwt(&renewed.access_token).unwrap();
+}
+
 #[test]
 fn a_file_that_is_not_redb_is_a_storage_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -81,8 +81,8 @@ fn denied_response(denied: AdminDenied) -> Response {
 
 /// 404 when no token is configured, 429 while the caller's address is throttled, 401 unless
 /// the request carries an admin token.
-fn authorize(state: &DebugState, ip: IpAddr, headers: &HeaderMap) -> Result<(), Response> {
-    state.admin.check(ip, headers).map_err(denied_response)
+fn authorize(state: &DebugState, ip: IpAddr, headers: &HeaderMap) -> Result<(), AdminDenied> {
+    state.admin.check(ip, headers)
 }
 
 /// What a profile request asked for.
@@ -136,7 +136,7 @@ async fn cpu_profile(
     RawQuery(query): RawQuery,
 ) -> Response {
     if let Err(denied) = authorize(&state, ip, &headers) {
-        return denied;
+        return denied_response(denied);
     }
     let request = match parse_profile_query(query.as_deref()) {
         Ok(request) => request,
@@ -178,7 +178,7 @@ async fn heap_profile(
     headers: HeaderMap,
 ) -> Response {
     if let Err(denied) = authorize(&state, ip, &headers) {
-        return denied;
+        return denied_response(denied);
     }
     json_error(
         StatusCode::NOT_IMPLEMENTED,
