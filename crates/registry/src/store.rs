@@ -408,3 +408,38 @@ mod hash_b64 {
         Ok(Some(hash))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before the version counter existed: the counter starts above every
+    /// version the old `u32` counter could have issued, so no pre-upgrade JWT of a deleted
+    /// device can match a version issued after the upgrade.
+    #[test]
+    fn a_file_without_the_counter_starts_it_at_2_pow_32() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("registry.redb");
+        {
+            let db = Database::create(&path)?;
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert("schema", SCHEMA_VERSION)?;
+                meta.insert("jwt_key", [7u8; 32].as_slice())?;
+            }
+            txn.commit()?;
+        }
+        let (store, loaded) = Store::open(&path)?;
+        assert_eq!(loaded.next_version, 1 << 32);
+        assert_eq!(loaded.jwt_key, [7u8; 32]);
+        assert_eq!(loaded.previous_jwt_key, None);
+        drop(store);
+
+        let fresh = dir.path().join("fresh.redb");
+        let (_, loaded) = Store::open(&fresh)?;
+        assert_eq!(loaded.next_version, 1);
+        Ok(())
+    }
+}
