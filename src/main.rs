@@ -8,6 +8,7 @@ mod cli_deadletter;
 mod cli_devices;
 mod commands;
 mod config;
+mod data_dir;
 mod pipeline;
 mod registry;
 mod sinks;

@@ -45,6 +45,7 @@ const OBSERVERS_GOODBYE: Duration = Duration::from_millis(500);
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    crate::data_dir::secure(&config.gateway.data_dir)?;
     let metrics = Arc::new(Metrics::new());
     let directory = Arc::new(DeviceDirectory::default());
     // Observers (watchdog, CPU profiles) stop first at shutdown: they hold no data.
@@ -69,6 +70,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         started: tokio::time::Instant::now(),
     });
+    let admin = Arc::new(admin_auth(&config, &metrics));
     let v1_state = registry.as_ref().map(|registry| {
         let ingest_enabled = config.sinks.values().any(|sink| {
             sink.inputs()
@@ -78,7 +80,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         });
         Arc::new(V1State::new(
             Arc::clone(registry),
-            config.api.as_ref().and_then(|api| api.admin_token.clone()),
+            Arc::clone(&admin),
             ingest_enabled,
             Arc::clone(&metrics),
         ))
@@ -87,14 +89,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: Arc::clone(&metrics),
         ready: false.into(),
         debug: Arc::new(DebugState {
-            admin_token: config.api.as_ref().and_then(|api| api.admin_token.clone()),
+            admin: Arc::clone(&admin),
             profiler: Arc::clone(&profiler),
         }),
         v1: v1_state.clone(),
-        deadletter: Arc::new(api::deadletter::DeadLetterApi::new(
-            config.api.as_ref().and_then(|api| api.admin_token.clone()),
-            Arc::clone(&metrics),
-        )),
+        deadletter: Arc::new(api::deadletter::DeadLetterApi::new(Arc::clone(&admin))),
     });
 
     let api_stop = CancellationToken::new();
@@ -400,6 +399,21 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+/// The one admin check of every admin route, from `[api]`.
+fn admin_auth(config: &Config, metrics: &Metrics) -> crate::api::admin::AdminAuth {
+    let api = config.api.as_ref();
+    let auth =
+        crate::api::admin::AdminAuth::new(api.and_then(|api| api.admin_token.as_deref()), metrics);
+    match api.and_then(|api| {
+        api.previous_admin_token
+            .as_deref()
+            .zip(api.previous_admin_token_until)
+    }) {
+        Some((previous, until)) => auth.with_previous(previous, until),
+        None => auth,
     }
 }
 

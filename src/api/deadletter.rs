@@ -16,13 +16,11 @@ use axum::{Json, Router};
 use fieldgate_core::Priority;
 use serde::{Deserialize, Serialize};
 
-use super::admin::constant_time_eq;
-use super::extract::bearer;
+use super::admin::{AdminAuth, denied_problem};
+use super::extract::ClientIp;
 use super::problem::ApiError;
 use crate::buffer::{AppendError, SinkBuffer};
 use crate::sinks::deadletter::{DeadLetterInfo, DeadLetters};
-use crate::telemetry::Metrics;
-use crate::telemetry::metrics::SourceLabel;
 
 /// Listed at most per request unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 100;
@@ -34,17 +32,15 @@ pub type SinkDeadLetters = (Arc<DeadLetters>, Arc<SinkBuffer>);
 
 /// What the dead-letter handlers share.
 pub struct DeadLetterApi {
-    admin_token: Option<String>,
-    metrics: Arc<Metrics>,
+    admin: Arc<AdminAuth>,
     sinks: OnceLock<BTreeMap<String, SinkDeadLetters>>,
 }
 
 impl DeadLetterApi {
-    /// Routes guarded by `admin_token` (404 without one); sinks attach later.
-    pub fn new(admin_token: Option<String>, metrics: Arc<Metrics>) -> Self {
+    /// Routes guarded by the gateway's admin check (404 without a token); sinks attach later.
+    pub fn new(admin: Arc<AdminAuth>) -> Self {
         Self {
-            admin_token,
-            metrics,
+            admin,
             sinks: OnceLock::new(),
         }
     }
@@ -56,32 +52,8 @@ impl DeadLetterApi {
         }
     }
 
-    fn authorize(&self, headers: &HeaderMap) -> Result<(), ApiError> {
-        let Some(expected) = self.admin_token.as_deref() else {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "admin_disabled",
-                "Admin routes disabled",
-                "set api.admin_token in the config to enable the admin routes",
-            ));
-        };
-        let presented = bearer(headers).unwrap_or_default();
-        if presented.is_empty() || !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            self.metrics
-                .auth_failures
-                .get_or_create(&SourceLabel {
-                    source: super::v1::ADMIN_SOURCE.into(),
-                })
-                .inc();
-            tracing::warn!(route = "deadletter", "admin authentication failed");
-            return Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "bad_admin_token",
-                "Bad admin token",
-                "this route needs `Authorization: Bearer <admin token>`",
-            ));
-        }
-        Ok(())
+    fn authorize(&self, ip: ClientIp, headers: &HeaderMap) -> Result<(), ApiError> {
+        self.admin.check(ip.0, headers).map_err(denied_problem)
     }
 
     fn sink(&self, name: &str) -> Result<SinkDeadLetters, ApiError> {
@@ -148,9 +120,10 @@ async fn list(
     State(state): State<Arc<DeadLetterApi>>,
     Path(sink): Path<String>,
     Query(query): Query<ListQuery>,
+    ip: ClientIp,
     headers: HeaderMap,
 ) -> Result<Json<Listing>, ApiError> {
-    state.authorize(&headers)?;
+    state.authorize(ip, &headers)?;
     let (store, _) = state.sink(&sink)?;
     let limit = query.limit.unwrap_or(DEFAULT_LIMIT).min(MAX_LIMIT);
     let (total, entries) = blocking(move || {
@@ -168,9 +141,10 @@ async fn list(
 async fn replay(
     State(state): State<Arc<DeadLetterApi>>,
     Path(sink): Path<String>,
+    ip: ClientIp,
     headers: HeaderMap,
 ) -> Result<Json<Count>, ApiError> {
-    state.authorize(&headers)?;
+    state.authorize(ip, &headers)?;
     let (store, buffer) = state.sink(&sink)?;
     let (count, remaining) = blocking(move || {
         let records = store.records(MAX_LIMIT).map_err(storage_error)?;
@@ -245,9 +219,10 @@ async fn replay(
 async fn purge(
     State(state): State<Arc<DeadLetterApi>>,
     Path(sink): Path<String>,
+    ip: ClientIp,
     headers: HeaderMap,
 ) -> Result<Json<Count>, ApiError> {
-    state.authorize(&headers)?;
+    state.authorize(ip, &headers)?;
     let (store, _) = state.sink(&sink)?;
     let (count, remaining) = blocking(move || {
         let ids: Vec<_> = store

@@ -10,12 +10,13 @@ use fieldgate_registry::{
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::admin::JwtKeyRotated;
 use super::devices::DeviceStatusView;
 use super::ingest::{Accepted, TelemetryBody};
 use super::problem::Problem;
 use super::provisioning::CreatedProvisioningToken;
 use super::registration::RefreshRequest;
-use super::{commands, devices, ingest, provisioning, registration};
+use super::{admin, commands, devices, ingest, provisioning, registration};
 
 /// The document; `ApiDoc::openapi()` builds it.
 #[derive(OpenApi)]
@@ -32,12 +33,13 @@ use super::{commands, devices, ingest, provisioning, registration};
         provisioning::create, provisioning::list, provisioning::revoke,
         registration::challenge, registration::register, registration::refresh,
         ingest::telemetry,
+        admin::rotate_jwt_key,
     ),
     components(schemas(
         Problem, Device, DevicePage, DevicePatch, DeviceStatus, DeviceStatusView, NewDevice,
         Provisioned, Tokens, NewProvisioningToken, ProvisioningToken, CreatedProvisioningToken,
         Challenge, Registration, RefreshRequest, NewCommand, Command, CommandState, Accepted,
-        TelemetryBody,
+        TelemetryBody, JwtKeyRotated,
     )),
     modifiers(&SecuritySchemes),
     tags(

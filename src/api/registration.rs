@@ -2,7 +2,11 @@
 //! provisioning token, and refreshing an access token.
 //!
 //! A refused provisioning token or refresh token is a failed authentication: counted and
-//! throttled per source address like any other.
+//! throttled per source address like any other. So is a registration of an identifier that
+//! is already registered without a signature by the device's registered key (409): a
+//! provisioning token and a MAC/IMEI prove nothing about who the caller is, and counting
+//! these slows down anyone walking the MAC space. An admin re-provisions such a device with
+//! `POST /api/v1/devices/{id}/rotate`.
 
 use std::sync::Arc;
 
@@ -44,10 +48,10 @@ pub async fn challenge(
 #[utoipa::path(post, path = "/api/v1/devices/register", tag = "registration",
     request_body = Registration,
     responses(
-        (status = 201, description = "Registered (again, when the identifier and key match)", body = Provisioned),
+        (status = 201, description = "Registered; again only for a key-based device whose registered key signed the nonce", body = Provisioned),
         (status = 400, description = "Invalid field or malformed body", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Bad, exhausted, expired or revoked provisioning token; bad signature; replayed nonce", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The identifier is registered with another key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The identifier is already registered: keyless, or with another key (an admin re-provisions with POST /api/v1/devices/{id}/rotate)", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many failed attempts from this address", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn register(
@@ -65,7 +69,10 @@ pub async fn register(
             Ok(JsonResponse(StatusCode::CREATED, provisioned))
         }
         Err(err) => {
-            if matches!(err, RegistryError::Forbidden { .. }) {
+            if matches!(
+                err,
+                RegistryError::Forbidden { .. } | RegistryError::Conflict { .. }
+            ) {
                 state.auth_failed(ip, None, DEVICE_SOURCE);
                 tracing::info!(peer = %ip, error = %err, "registration refused");
             }

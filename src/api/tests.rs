@@ -65,9 +65,14 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
     let registry = Registry::open_with_clock(options, Arc::clone(&clock) as _)
         .unwrap_or_else(|err| panic!("{err}"));
     let metrics = Arc::new(Metrics::new());
+    let admin = Arc::new(super::admin::AdminAuth::with_throttle(
+        admin_token,
+        &metrics,
+        throttle.clone(),
+    ));
     let v1 = Arc::new(V1State::with_throttle(
         Arc::new(registry),
-        admin_token.map(str::to_owned),
+        Arc::clone(&admin),
         true,
         Arc::clone(&metrics),
         throttle,
@@ -76,14 +81,11 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(true),
         debug: Arc::new(DebugState {
-            admin_token: admin_token.map(str::to_owned),
+            admin: Arc::clone(&admin),
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: Some(Arc::clone(&v1)),
-        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(
-            admin_token.map(str::to_owned),
-            Arc::clone(&metrics),
-        )),
+        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(admin)),
     });
     Harness {
         app: router(state),
@@ -514,7 +516,7 @@ async fn provisioning_tokens_create_list_revoke() {
 }
 
 #[tokio::test]
-async fn registration_without_a_key_is_idempotent_and_counts_uses() {
+async fn registration_without_a_key_counts_uses_and_refuses_a_takeover() {
     let h = harness();
     let token = h.provisioning_token(2).await;
     let body = json!({"provisioning_token": token, "mac": "00-11-22-33-44-55", "name": "meter"});
@@ -524,12 +526,20 @@ async fn registration_without_a_key_is_idempotent_and_counts_uses() {
     assert_eq!(first.status, StatusCode::CREATED, "{}", first.body);
     assert_eq!(first.body["device"]["id"], "mac-001122334455");
     assert!(first.body["secret"].is_string());
+    // Finding 3: the same MAC again, without the device's key, is a conflict (no use spent).
     let second = h
         .public(Method::POST, "/api/v1/devices/register", Some(body.clone()))
         .await;
-    assert_eq!(second.status, StatusCode::CREATED, "{}", second.body);
-    assert_eq!(second.body["device"]["id"], "mac-001122334455");
-    assert_ne!(second.body["secret"], first.body["secret"]);
+    assert_eq!(second.status, StatusCode::CONFLICT, "{}", second.body);
+    assert!(second.body.get("secret").is_none());
+    let third = h
+        .public(
+            Method::POST,
+            "/api/v1/devices/register",
+            Some(json!({"provisioning_token": token, "mac": "00:11:22:33:44:66"})),
+        )
+        .await;
+    assert_eq!(third.status, StatusCode::CREATED, "{}", third.body);
 
     // Both uses are spent.
     let exhausted = h
@@ -875,7 +885,7 @@ async fn telemetry_without_an_http_sink_is_404() {
 }
 
 #[tokio::test]
-async fn brute_force_is_throttled_per_address_and_device() {
+async fn brute_force_is_throttled_per_address_and_device_address() {
     let throttle = ThrottleConfig {
         free_failures: 2,
         base_delay: Duration::from_secs(30),
@@ -893,6 +903,13 @@ async fn brute_force_is_throttled_per_address_and_device() {
         .as_str()
         .unwrap_or("")
         .to_owned();
+    let victim = h
+        .admin(Method::POST, "/api/v1/devices/victim/rotate", None)
+        .await;
+    let victim_jwt = victim.body["tokens"]["access_token"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
     let (intake, mut receiver) = intake();
     h.v1.ingest.open(SourceOutput::new(vec![intake]));
     let _drain = tokio::spawn(async move {
@@ -903,16 +920,16 @@ async fn brute_force_is_throttled_per_address_and_device() {
         }
     });
 
-    // The attacker hops addresses; the victim's id is what gets throttled.
+    // The attacker's address is throttled for the victim's id.
     let mut statuses = Vec::new();
-    for attempt in 0..5u8 {
+    for _ in 0..5u8 {
         let reply = h
             .send(
                 Method::POST,
                 "/api/v1/devices/victim/telemetry",
                 Some("forged"),
                 Some(json!({})),
-                ip(100 + attempt),
+                ip(100),
             )
             .await;
         statuses.push(reply.status.as_u16());
@@ -928,6 +945,18 @@ async fn brute_force_is_throttled_per_address_and_device() {
         }
     }
     assert_eq!(statuses, [401, 401, 401, 429, 429]);
+
+    // Finding 10: the victim itself, from its own address, is not locked out.
+    let victim_ok = h
+        .send(
+            Method::POST,
+            "/api/v1/devices/victim/telemetry",
+            Some(&victim_jwt),
+            Some(json!({"v": 1})),
+            ip(101),
+        )
+        .await;
+    assert_eq!(victim_ok.status, StatusCode::ACCEPTED, "{}", victim_ok.body);
 
     // Another device, from another address, is unaffected.
     let ok = h
@@ -996,14 +1025,13 @@ async fn routes_are_absent_without_a_registry() {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(true),
         debug: Arc::new(DebugState {
-            admin_token: None,
+            admin: Arc::new(super::admin::AdminAuth::new(None, &metrics)),
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: None,
-        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(
-            None,
-            Arc::clone(&metrics),
-        )),
+        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(Arc::new(
+            super::admin::AdminAuth::new(None, &metrics),
+        ))),
     });
     let response = router(state)
         .oneshot(

@@ -1,9 +1,11 @@
 //! The `/api/v1` router of the device registry and the state its handlers share: the
-//! registry, the admin token, the auth throttles and the HTTP ingestion output.
+//! registry, the admin check, the device auth throttle and the HTTP ingestion output.
 //!
-//! These routes exist only when `[registry]` is configured. Failed authentications (admin
-//! token, device JWT, provisioning and refresh tokens) all go through [`V1State::auth_failed`]:
-//! one counter, one throttle per source address and one per device id.
+//! These routes exist only when `[registry]` is configured. The admin token is checked by the
+//! gateway-wide [`AdminAuth`]; failed device authentications (device JWT, provisioning and
+//! refresh tokens) all go through [`V1State::auth_failed`]:
+//! one counter, and one throttle keyed per source address and per (device id, source
+//! address), so failures from one address never lock a device out of another.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use fieldgate_registry::{AuthThrottle, Registry, ThrottleConfig};
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
+use super::admin::AdminAuth;
 use super::ingest::{self, HTTP_SOURCE, IngestOutput};
 use super::problem::ApiError;
 use super::{commands, devices, openapi, provisioning, registration};
@@ -22,8 +25,6 @@ use crate::commands::CommandDispatcher;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::SourceLabel;
 
-/// `source` label of `fieldgate_auth_failures_total` for a wrong admin token.
-pub const ADMIN_SOURCE: &str = "api_admin";
 /// `source` label of `fieldgate_auth_failures_total` for device credentials over HTTP.
 pub const DEVICE_SOURCE: &str = HTTP_SOURCE;
 
@@ -31,8 +32,9 @@ pub const DEVICE_SOURCE: &str = HTTP_SOURCE;
 pub struct V1State {
     /// The device registry.
     pub registry: Arc<Registry>,
-    /// `api.admin_token`; without it the admin routes answer 404.
-    pub admin_token: Option<String>,
+    /// The admin check (shared with `/debug/pprof/*`); without a token the admin routes
+    /// answer 404.
+    pub admin: Arc<AdminAuth>,
     /// Where `POST /api/v1/devices/{id}/telemetry` sends events.
     pub ingest: IngestOutput,
     /// Whether a sink lists `"http"` in `inputs`.
@@ -42,8 +44,7 @@ pub struct V1State {
     /// `fieldgate_received_events_total{source="http"}`.
     pub received: Counter,
     metrics: Arc<Metrics>,
-    by_address: AuthThrottle,
-    by_device: AuthThrottle,
+    throttle: AuthThrottle,
     origin: Instant,
     commands: std::sync::OnceLock<Arc<CommandDispatcher>>,
 }
@@ -52,13 +53,13 @@ impl V1State {
     /// State over `registry`, with default throttles.
     pub fn new(
         registry: Arc<Registry>,
-        admin_token: Option<String>,
+        admin: Arc<AdminAuth>,
         ingest_enabled: bool,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self::with_throttle(
             registry,
-            admin_token,
+            admin,
             ingest_enabled,
             metrics,
             ThrottleConfig::default(),
@@ -68,7 +69,7 @@ impl V1State {
     /// State with a custom throttle policy (tests).
     pub fn with_throttle(
         registry: Arc<Registry>,
-        admin_token: Option<String>,
+        admin: Arc<AdminAuth>,
         ingest_enabled: bool,
         metrics: Arc<Metrics>,
         throttle: ThrottleConfig,
@@ -81,14 +82,13 @@ impl V1State {
             .clone();
         Self {
             registry,
-            admin_token,
+            admin,
             ingest: IngestOutput::default(),
             ingest_enabled,
             source_name: Arc::from(HTTP_SOURCE),
             received,
             metrics,
-            by_address: AuthThrottle::new(throttle.clone()),
-            by_device: AuthThrottle::new(throttle),
+            throttle: AuthThrottle::new(throttle),
             origin: Instant::now(),
             commands: std::sync::OnceLock::new(),
         }
@@ -107,25 +107,17 @@ impl V1State {
         self.commands.get().cloned()
     }
 
-    /// 429 while `ip` (or `device`) is serving a delay for earlier failures.
+    /// 429 while `ip` (or `device` from `ip`) is serving a delay for earlier failures.
     pub fn check_throttle(&self, ip: IpAddr, device: Option<&str>) -> Result<(), ApiError> {
-        let now = self.origin.elapsed();
-        let mut wait = self.by_address.check(&ip.to_string(), now).err();
-        if let Some(Err(device_wait)) = device.map(|device| self.by_device.check(device, now)) {
-            wait = Some(wait.map_or(device_wait, |wait| wait.max(device_wait)));
-        }
-        match wait {
-            Some(wait) => Err(ApiError::throttled(wait)),
-            None => Ok(()),
-        }
+        self.throttle
+            .check(ip, device, self.origin.elapsed())
+            .map_err(ApiError::throttled)
     }
 
     /// Counts a failed authentication and lengthens the delays of `ip` and `device`.
     pub fn auth_failed(&self, ip: IpAddr, device: Option<&str>, source: &str) {
-        let now = self.origin.elapsed();
-        self.by_address.failure(&ip.to_string(), now);
+        self.throttle.failure(ip, device, self.origin.elapsed());
         if let Some(device) = device {
-            self.by_device.failure(device, now);
             self.registry.record_error(device);
         }
         self.metrics
@@ -176,6 +168,7 @@ pub fn router(state: Arc<V1State>) -> Router {
                 .delete(devices::delete),
         )
         .route("/api/v1/devices/{id}/rotate", post(devices::rotate))
+        .route("/api/v1/jwt-key/rotate", post(super::admin::rotate_jwt_key))
         .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
         .route("/api/v1/devices/{id}/status", get(devices::status))
         .route(

@@ -253,6 +253,27 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
                 )
                 .without_line());
         }
+        let previous = (
+            api.previous_admin_token.as_deref(),
+            api.previous_admin_token_until,
+        );
+        let previous_error = match previous {
+            (None, None) => None,
+            (Some(_), None) | (None, Some(_)) => {
+                Some("needs both previous_admin_token and previous_admin_token_until")
+            }
+            (Some(""), _) => Some("cannot be empty"),
+            (Some(_), _) if api.admin_token.is_none() => Some("needs api.admin_token"),
+            (Some(old), _) if api.admin_token.as_deref() == Some(old) => {
+                Some("must differ from api.admin_token")
+            }
+            (Some(_), Some(_)) => None,
+        };
+        if let Some(message) = previous_error {
+            return Err(context
+                .error_at(0..0, "api.previous_admin_token", message.into())
+                .without_line());
+        }
     }
     config.watchdog.check(context)?;
     if let Some(registry) = &config.registry {

@@ -582,3 +582,47 @@ fn http_ingestion_body_must_fit_its_buffers() {
     assert!(err.message.contains("\"http\""), "{err}");
     parse_ok(&text.replace("max_size = \"1MiB\"", "max_size = \"2MiB\""));
 }
+
+#[test]
+fn api_previous_admin_token() {
+    let with = |extra: &str| {
+        contract_with(
+            "address = \"127.0.0.1:8080\"",
+            &format!("address = \"127.0.0.1:8080\"\n{extra}"),
+        )
+    };
+    let config = parse_ok(&with(
+        "admin_token = \"new\"\nprevious_admin_token = \"old\"\n\
+         previous_admin_token_until = \"2026-12-09T00:00:00Z\"",
+    ));
+    let api = config.api.unwrap();
+    assert_eq!(api.previous_admin_token.as_deref(), Some("old"));
+    assert!(api.previous_admin_token_until.is_some());
+    for (extra, key) in [
+        (
+            "admin_token = \"new\"\nprevious_admin_token = \"old\"",
+            "api.previous_admin_token",
+        ),
+        (
+            "admin_token = \"new\"\nprevious_admin_token_until = \"2026-12-09T00:00:00Z\"",
+            "api.previous_admin_token",
+        ),
+        (
+            "admin_token = \"same\"\nprevious_admin_token = \"same\"\n\
+             previous_admin_token_until = \"2026-12-09T00:00:00Z\"",
+            "api.previous_admin_token",
+        ),
+        (
+            "previous_admin_token = \"old\"\nprevious_admin_token_until = \"2026-12-09T00:00:00Z\"",
+            "api.previous_admin_token",
+        ),
+        (
+            "admin_token = \"new\"\nprevious_admin_token = \"old\"\n\
+             previous_admin_token_until = \"next tuesday\"",
+            "api.previous_admin_token_until",
+        ),
+    ] {
+        let err = parse_err(&with(extra));
+        assert_eq!(err.key.as_deref(), Some(key), "{extra}: {err}");
+    }
+}

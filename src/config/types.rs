@@ -99,6 +99,25 @@ pub struct ApiConfig {
     /// Bearer token for the admin-only routes (`/debug/pprof/*` among them); without it
     /// they answer 404.
     pub admin_token: Option<String>,
+    /// The admin token being rotated out: also accepted until `previous_admin_token_until`.
+    pub previous_admin_token: Option<String>,
+    /// When `previous_admin_token` stops working (RFC 3339, e.g. `"2026-12-03T00:00:00Z"`).
+    #[serde(default, deserialize_with = "rfc3339_instant")]
+    pub previous_admin_token_until: Option<std::time::SystemTime>,
+}
+
+/// An optional RFC 3339 timestamp.
+fn rfc3339_instant<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<std::time::SystemTime>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    humantime::parse_rfc3339_weak(&text)
+        .map(Some)
+        .map_err(|err| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not an RFC 3339 time such as \"2026-12-03T00:00:00Z\": {err}"
+            ))
+        })
 }
 
 /// `[registry]`: the device registry, kept in `<data_dir>/registry.redb`.

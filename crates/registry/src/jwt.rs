@@ -3,7 +3,8 @@
 //! Only what we issue is accepted: header exactly `{"alg":"HS256","typ":"JWT"}` (any other
 //! `alg`, including `none`, is malformed), an HMAC-SHA256 tag checked in constant time before
 //! the claims are parsed, then `iss`, `typ`, `exp` and `iat` checked against the caller's
-//! clock. We implement this small subset instead of using the `jsonwebtoken` crate because its
+//! clock, and the lifetime `exp - iat` against the configured `jwt_ttl` (a token claiming a
+//! longer life was not issued under the current policy). We implement this small subset instead of using the `jsonwebtoken` crate because its
 //! crypto backends bring RSA and ECDSA (or a C library) that an edge box would carry unused.
 
 use hmac::{Hmac, Mac};
@@ -27,8 +28,8 @@ struct Header {
     typ: String,
 }
 
-/// The claims we issue. `ver` is the device's credential version: rotation bumps it, which
-/// invalidates every older token.
+/// The claims we issue. `ver` is the device's credential version: every rotation, refresh,
+/// re-registration and revocation takes a new one, which invalidates every older token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct Claims {
@@ -37,7 +38,7 @@ pub(crate) struct Claims {
     pub(crate) iat: u64,
     pub(crate) exp: u64,
     pub(crate) typ: String,
-    pub(crate) ver: u32,
+    pub(crate) ver: u64,
 }
 
 fn mac(key: &[u8; 32], signing_input: &[u8]) -> Hmac<Sha256> {
@@ -57,12 +58,14 @@ pub(crate) fn sign(claims: &Claims, key: &[u8; 32]) -> String {
     format!("{signing_input}.{}", b64url(&tag))
 }
 
-/// Check a token's shape, signature, issuer, type and times; return its claims.
+/// Check a token's shape, signature, issuer, type and times (a lifetime `exp - iat` above
+/// `max_lifetime_s` is malformed); return its claims.
 pub(crate) fn verify(
     token: &str,
     key: &[u8; 32],
     issuer: &str,
     now_s: u64,
+    max_lifetime_s: u64,
 ) -> Result<Claims, AuthError> {
     if token.len() > MAX_TOKEN_LEN {
         return Err(AuthError::Malformed);
@@ -88,7 +91,9 @@ pub(crate) fn verify(
     if claims.iss != issuer || claims.typ != ACCESS {
         return Err(AuthError::Malformed);
     }
-    if claims.iat > now_s.saturating_add(IAT_LEEWAY_S) {
+    if claims.iat > now_s.saturating_add(IAT_LEEWAY_S)
+        || claims.exp.saturating_sub(claims.iat) > max_lifetime_s
+    {
         return Err(AuthError::Malformed);
     }
     if now_s >= claims.exp {
@@ -102,6 +107,7 @@ mod tests {
     use super::*;
 
     const KEY: [u8; 32] = [9u8; 32];
+    const TTL: u64 = 3600;
 
     fn claims(iat: u64, exp: u64) -> Claims {
         Claims {
@@ -117,25 +123,46 @@ mod tests {
     #[test]
     fn round_trip_within_lifetime() {
         let token = sign(&claims(1000, 4600), &KEY);
-        assert_eq!(verify(&token, &KEY, "gw-1", 1000), Ok(claims(1000, 4600)));
-        assert_eq!(verify(&token, &KEY, "gw-1", 4599), Ok(claims(1000, 4600)));
+        assert_eq!(
+            verify(&token, &KEY, "gw-1", 1000, TTL),
+            Ok(claims(1000, 4600))
+        );
+        assert_eq!(
+            verify(&token, &KEY, "gw-1", 4599, TTL),
+            Ok(claims(1000, 4600))
+        );
     }
 
     #[test]
     fn expired_at_exp() {
         let token = sign(&claims(1000, 4600), &KEY);
-        assert_eq!(verify(&token, &KEY, "gw-1", 4600), Err(AuthError::Expired));
         assert_eq!(
-            verify(&token, &KEY, "gw-1", u64::MAX),
+            verify(&token, &KEY, "gw-1", 4600, TTL),
             Err(AuthError::Expired)
         );
+        assert_eq!(
+            verify(&token, &KEY, "gw-1", u64::MAX, TTL),
+            Err(AuthError::Expired)
+        );
+    }
+
+    /// Finding 4: a token living longer than `jwt_ttl` is refused, even when well signed.
+    #[test]
+    fn finding_4_lifetime_above_jwt_ttl_is_refused() {
+        let token = sign(&claims(1000, 1000 + TTL + 1), &KEY);
+        assert_eq!(
+            verify(&token, &KEY, "gw-1", 1000, TTL),
+            Err(AuthError::Malformed)
+        );
+        let token = sign(&claims(1000, 1000 + TTL), &KEY);
+        assert!(verify(&token, &KEY, "gw-1", 1000, TTL).is_ok());
     }
 
     #[test]
     fn issued_in_the_future_is_rejected() {
         let token = sign(&claims(10_000, 20_000), &KEY);
         assert_eq!(
-            verify(&token, &KEY, "gw-1", 1000),
+            verify(&token, &KEY, "gw-1", 1000, TTL),
             Err(AuthError::Malformed)
         );
     }
@@ -144,17 +171,17 @@ mod tests {
     fn wrong_key_issuer_or_type_fail() {
         let token = sign(&claims(1000, 4600), &KEY);
         assert_eq!(
-            verify(&token, &[8u8; 32], "gw-1", 1000),
+            verify(&token, &[8u8; 32], "gw-1", 1000, TTL),
             Err(AuthError::BadCredentials)
         );
         assert_eq!(
-            verify(&token, &KEY, "gw-2", 1000),
+            verify(&token, &KEY, "gw-2", 1000, TTL),
             Err(AuthError::Malformed)
         );
         let mut refresh = claims(1000, 4600);
         refresh.typ = "refresh".into();
         assert_eq!(
-            verify(&sign(&refresh, &KEY), &KEY, "gw-1", 1000),
+            verify(&sign(&refresh, &KEY), &KEY, "gw-1", 1000, TTL),
             Err(AuthError::Malformed)
         );
     }
@@ -168,7 +195,7 @@ mod tests {
         let forged_payload = b64url(&serde_json::to_vec(&forged).unwrap());
         let tampered = format!("{}.{}.{}", parts[0], forged_payload, parts[2]);
         assert_eq!(
-            verify(&tampered, &KEY, "gw-1", 1000),
+            verify(&tampered, &KEY, "gw-1", 1000, TTL),
             Err(AuthError::BadCredentials)
         );
         let mut tag = parts[2].to_owned();
@@ -176,7 +203,7 @@ mod tests {
         tag.pop();
         tag.push(last);
         let tampered = format!("{}.{}.{}", parts[0], parts[1], tag);
-        assert!(verify(&tampered, &KEY, "gw-1", 1000).is_err());
+        assert!(verify(&tampered, &KEY, "gw-1", 1000, TTL).is_err());
     }
 
     #[test]
@@ -190,13 +217,13 @@ mod tests {
         ] {
             let forged = format!("{}.{}.{}", b64url(header.as_bytes()), parts[1], parts[2]);
             assert_eq!(
-                verify(&forged, &KEY, "gw-1", 1000),
+                verify(&forged, &KEY, "gw-1", 1000, TTL),
                 Err(AuthError::Malformed),
                 "{header}"
             );
             let unsigned = format!("{}.{}.", b64url(header.as_bytes()), parts[1]);
             assert_eq!(
-                verify(&unsigned, &KEY, "gw-1", 1000),
+                verify(&unsigned, &KEY, "gw-1", 1000, TTL),
                 Err(AuthError::Malformed),
                 "{header}"
             );
@@ -215,10 +242,10 @@ mod tests {
             "é.é.é",
             "eyJ.eyJ.x",
         ] {
-            assert!(verify(token, &KEY, "gw-1", 1000).is_err(), "{token:?}");
+            assert!(verify(token, &KEY, "gw-1", 1000, TTL).is_err(), "{token:?}");
         }
         assert_eq!(
-            verify(&"a".repeat(100_000), &KEY, "gw-1", 1000),
+            verify(&"a".repeat(100_000), &KEY, "gw-1", 1000, TTL),
             Err(AuthError::Malformed)
         );
     }

@@ -18,8 +18,12 @@
 //!   backends pull RSA/ECDSA or a C library. Fixed header, any other `alg` rejected, MAC
 //!   checked in constant time before the claims are read, then `iss`, `typ`, `exp`, `iat`.
 //!   The signing key is 32 random bytes generated at first open and kept in the redb file,
-//!   so tokens survive restarts. Claims carry `ver`, the device's credential version:
-//!   rotation, re-registration and revocation bump it, which kills every older JWT at once.
+//!   so tokens survive restarts. Claims carry `ver`, the device's credential version: add,
+//!   rotation, refresh, re-registration and revocation each take a fresh one from a store-wide
+//!   counter kept in the file, which kills every older JWT at once, and a version never repeats
+//!   for an id, even after delete and re-add. A JWT whose lifetime `exp - iat` exceeds
+//!   `jwt_ttl` is refused. [`Registry::rotate_jwt_key`] replaces the key; the previous one
+//!   keeps verifying for `jwt_ttl` (both are in the file).
 //! - **Randomness: `getrandom`** (already in the tree through `ring`).
 //! - **Time** comes from a [`Clock`] ([`SystemClock`], or [`ManualClock`] in tests); calls that
 //!   the daemon drives take `now_ms` explicitly.
@@ -28,9 +32,12 @@
 //! - Self-registered ids derive from the identifier: `mac-001122334455`, `imei-<15 digits>`
 //!   (the MAC wins when both are given). A provisioning token must exist, not be revoked or
 //!   expired, and have uses left; each successful registration uses one.
-//! - Registering the same identifier again with the same key (or both keyless) returns the
-//!   same device with new credentials (the old ones stop working and its sessions close);
-//!   with a different key it is a Conflict. A revoked device cannot re-register.
+//! - Registering an identifier that is already registered is a Conflict, unless the device has
+//!   an Ed25519 key and the request signs a fresh nonce with that same key (proof of
+//!   possession): then it gets new credentials (the old ones stop working and its sessions
+//!   close). A keyless device is re-provisioned only by an admin ([`Registry::rotate_secret`]).
+//!   A revoked device cannot re-register.
+//! - The registry file is created 0600 (its directory 0700) and an existing file is tightened.
 //! - With a public key, `nonce` and `signature` are required; the signature is over the 32
 //!   decoded nonce bytes; a nonce works once, before its expiry (replay: Forbidden).
 //! - Revoked devices fail every authentication; [`Registry::revocations`] carries the ids of

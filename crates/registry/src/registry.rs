@@ -57,6 +57,12 @@ struct State {
     commands: HashMap<String, Vec<Command>>,
     /// Devices whose live status or counters changed since the last flush.
     dirty: HashSet<String>,
+    /// The next credential version to hand out (store-wide, never reused).
+    next_version: u64,
+    /// Signs new JWTs and verifies them.
+    jwt_key: [u8; 32],
+    /// The signing key before the last rotation: still verifies until the time (ms).
+    previous_jwt_key: Option<([u8; 32], u64)>,
 }
 
 impl State {
@@ -149,6 +155,15 @@ impl State {
                     device_id,
                     command_id,
                 } => self.delete_command(&device_id, &command_id),
+                Write::SetNextVersion(next) => self.next_version = next,
+                Write::SetJwtKeys {
+                    current,
+                    previous,
+                    previous_until_ms,
+                } => {
+                    self.jwt_key = current;
+                    self.previous_jwt_key = Some((previous, previous_until_ms));
+                }
             }
         }
     }
@@ -208,7 +223,6 @@ pub struct Registry {
     options: RegistryOptions,
     clock: Arc<dyn Clock>,
     store: Store,
-    jwt_key: [u8; 32],
     state: RwLock<State>,
     writer: Mutex<()>,
     challenges: Mutex<Challenges>,
@@ -252,7 +266,12 @@ impl Registry {
             }
         }
         let (store, loaded) = Store::open(&options.path)?;
-        let mut state = State::default();
+        let mut state = State {
+            next_version: loaded.next_version,
+            jwt_key: loaded.jwt_key,
+            previous_jwt_key: loaded.previous_jwt_key,
+            ..State::default()
+        };
         for mut record in loaded.devices {
             // Nobody is connected to a gateway that just started.
             if record.device.status == DeviceStatus::Online {
@@ -279,7 +298,6 @@ impl Registry {
             options,
             clock,
             store,
-            jwt_key: loaded.jwt_key,
             state: RwLock::new(state),
             writer: Mutex::new(()),
             challenges: Mutex::new(Challenges::default()),
@@ -349,6 +367,20 @@ impl Registry {
             })
     }
 
+    /// `count` fresh credential versions (the first is returned) and the write that retires
+    /// them; commit the write with the records that use them. Call with the writer lock held.
+    fn allocate_versions(&self, count: usize) -> Result<(u64, Write), RegistryError> {
+        let first = self.read().next_version;
+        let next = u64::try_from(count)
+            .ok()
+            .and_then(|count| first.checked_add(count))
+            .ok_or_else(|| RegistryError::Storage {
+                path: self.options.path.clone(),
+                source: "credential versions exhausted".into(),
+            })?;
+        Ok((first, Write::SetNextVersion(next)))
+    }
+
     fn broadcast_revocation(&self, id: &str) {
         // No receiver is fine: nobody has a session to close.
         self.revocations.send(id.to_owned()).ok();
@@ -389,7 +421,7 @@ impl Registry {
         })
     }
 
-    fn access_token(&self, device_id: &str, version: u32, now_ms: u64) -> String {
+    fn access_token(&self, device_id: &str, version: u64, now_ms: u64) -> String {
         let iat = now_ms / 1000;
         let claims = jwt::Claims {
             iss: self.options.gateway_id.clone(),
@@ -399,7 +431,8 @@ impl Registry {
             typ: jwt::ACCESS.to_owned(),
             ver: version,
         };
-        jwt::sign(&claims, &self.jwt_key)
+        let key = self.read().jwt_key;
+        jwt::sign(&claims, &key)
     }
 
     // ---------------------------------------------------------------- devices (admin)
@@ -484,10 +517,13 @@ impl Registry {
                 }
             }
         }
-        let mut writes = Vec::with_capacity(prepared.len());
+        let (first_version, next_version) = self.allocate_versions(prepared.len())?;
+        let mut writes = Vec::with_capacity(prepared.len() + 1);
+        writes.push(next_version);
         let mut provisioned = Vec::with_capacity(prepared.len());
-        for mut record in prepared {
+        for (version, mut record) in (first_version..).zip(prepared) {
             record.device.created_at_ms = now_ms;
+            record.credential_version = version;
             let issued = self.issue(&mut record, true, now_ms)?;
             provisioned.push(Provisioned {
                 device: record.device.clone(),
@@ -643,9 +679,10 @@ impl Registry {
                 "device {id:?} is revoked"
             )));
         }
-        record.credential_version = record.credential_version.wrapping_add(1);
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
         let issued = self.issue(&mut record, true, now_ms)?;
-        self.commit(vec![Write::PutDevice(Box::new(record))])?;
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])?;
         self.broadcast_revocation(id);
         let device = self
             .get_device(id)
@@ -665,8 +702,9 @@ impl Registry {
         record.device.status = DeviceStatus::Revoked;
         record.secret_hash = None;
         record.refresh_hash = None;
-        record.credential_version = record.credential_version.wrapping_add(1);
-        self.commit(vec![Write::PutDevice(Box::new(record))])?;
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])?;
         self.broadcast_revocation(id);
         self.get_device(id)
             .ok_or_else(|| RegistryError::device_not_found(id))
@@ -677,6 +715,24 @@ impl Registry {
     /// `RecvError::Lagged`, re-check every session with [`Registry::session_valid`].
     pub fn revocations(&self) -> broadcast::Receiver<String> {
         self.revocations.subscribe()
+    }
+
+    /// Replace the JWT signing key with a fresh random one. New tokens are signed with the new
+    /// key at once; tokens signed with the old one keep verifying for `jwt_ttl` (by then every
+    /// one of them has expired), so no device notices. Only the last old key is kept: a second
+    /// rotation within `jwt_ttl` ends the first one's grace period early. Returns the end of
+    /// the grace period (ms since the epoch).
+    pub fn rotate_jwt_key(&self) -> Result<u64, RegistryError> {
+        let current = self.random()?;
+        let _writer = self.lock_writer();
+        let previous = self.read().jwt_key;
+        let previous_until_ms = self.now_ms().saturating_add(ms(self.options.jwt_ttl));
+        self.commit(vec![Write::SetJwtKeys {
+            current,
+            previous,
+            previous_until_ms,
+        }])?;
+        Ok(previous_until_ms)
     }
 
     /// Whether a session opened for `device_id` may stay open (device exists, not revoked).
@@ -882,6 +938,18 @@ impl Registry {
                         reason: "already registered with a different public key".into(),
                     });
                 }
+                // A provisioning token and a MAC/IMEI are not proof of identity: only a
+                // signature by the registered key (checked above) is.
+                if record.device.public_key.is_none() {
+                    return Err(RegistryError::Conflict {
+                        what: "device",
+                        id: record.device.id.clone(),
+                        reason: "already registered; re-registering needs a signature by the \
+                                 device's registered key, or an admin re-provision \
+                                 (POST /api/v1/devices/{id}/rotate)"
+                            .into(),
+                    });
+                }
                 for (stored, given, field) in [
                     (&record.device.mac, &mac, "MAC"),
                     (&record.device.imei, &imei, "IMEI"),
@@ -908,7 +976,6 @@ impl Registry {
                 if request.model.is_some() {
                     record.device.model = request.model;
                 }
-                record.credential_version = record.credential_version.wrapping_add(1);
                 (record, true)
             }
             Err(id) => (
@@ -930,10 +997,13 @@ impl Registry {
                 false,
             ),
         };
+        let (version, next_version) = self.allocate_versions(1)?;
+        record.credential_version = version;
         let issued = self.issue(&mut record, true, now_ms)?;
         token.token.uses += 1;
         let id = record.device.id.clone();
         self.commit(vec![
+            next_version,
             Write::PutToken(token),
             Write::PutDevice(Box::new(record)),
         ])?;
@@ -981,13 +1051,22 @@ impl Registry {
 
     /// [`Registry::authenticate_jwt`] at a given time (ms since the epoch).
     pub fn authenticate_jwt_at(&self, token: &str, now_ms: u64) -> Result<String, AuthError> {
-        let claims = jwt::verify(
-            token,
-            &self.jwt_key,
-            &self.options.gateway_id,
-            now_ms / 1000,
-        )?;
         let state = self.read();
+        let verify = |key: &[u8; 32]| {
+            jwt::verify(
+                token,
+                key,
+                &self.options.gateway_id,
+                now_ms / 1000,
+                self.options.jwt_ttl.as_secs(),
+            )
+        };
+        let claims = match (verify(&state.jwt_key), state.previous_jwt_key) {
+            (Err(AuthError::BadCredentials), Some((previous, until_ms))) if now_ms < until_ms => {
+                verify(&previous)?
+            }
+            (verified, _) => verified?,
+        };
         let record = state
             .devices
             .get(&claims.sub)
@@ -1015,8 +1094,9 @@ impl Registry {
         Ok(())
     }
 
-    /// Trade a refresh token (single use) for a new access and refresh token. A storage
-    /// failure is reported as `BadCredentials` and leaves the old refresh token valid.
+    /// Trade a refresh token (single use) for a new access and refresh token. The device's
+    /// older access tokens stop working (its credential version moves on); open sessions stay.
+    /// A storage failure is reported as `BadCredentials` and leaves the old tokens valid.
     pub fn refresh(&self, refresh_token: &str) -> Result<Tokens, AuthError> {
         if refresh_token.is_empty() || refresh_token.len() > MAX_CREDENTIAL_LEN {
             return Err(AuthError::Malformed);
@@ -1042,10 +1122,14 @@ impl Registry {
         if now_ms >= record.refresh_expires_at_ms {
             return Err(AuthError::Expired);
         }
+        let (version, next_version) = self
+            .allocate_versions(1)
+            .map_err(|_| AuthError::BadCredentials)?;
+        record.credential_version = version;
         let issued = self
             .issue(&mut record, false, now_ms)
             .map_err(|_| AuthError::BadCredentials)?;
-        self.commit(vec![Write::PutDevice(Box::new(record))])
+        self.commit(vec![next_version, Write::PutDevice(Box::new(record))])
             .map_err(|_| AuthError::BadCredentials)?;
         Ok(issued.tokens)
     }

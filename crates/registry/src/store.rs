@@ -3,7 +3,16 @@
 //!
 //! Tables (keys → JSON values): `devices` (id → [`DeviceRecord`]), `provisioning_tokens`
 //! (id → [`TokenRecord`]), `commands` ((device id, command id) → [`Command`]), `meta`
-//! (`jwt_key` → 32 raw bytes, `schema` → version).
+//! (`jwt_key` → 32 raw bytes, `schema` → version, `next_credential_version` → u64 big-endian,
+//! and after a key rotation `previous_jwt_key` → 32 raw bytes with `previous_jwt_key_until`
+//! → u64 big-endian ms since the epoch).
+//!
+//! `next_credential_version` is the store-wide generation counter: every credential version
+//! handed out comes from it, so a version never repeats for any id, even across delete and
+//! re-add (a JWT of a deleted device can never match its successor). A file written before the
+//! counter existed starts it at 2^32, above every version the old `u32` counter could reach.
+//!
+//! The file is created 0600 and an existing one is tightened to 0600 (it holds the JWT key).
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +29,9 @@ const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("com
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 const SCHEMA_VERSION: &[u8] = b"1";
+const NEXT_VERSION: &str = "next_credential_version";
+/// Where the counter starts in a file written before it existed: above every `u32` version.
+const MIGRATED_NEXT_VERSION: u64 = 1 << 32;
 
 /// A device with its credential state, as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +40,9 @@ pub(crate) struct DeviceRecord {
     /// SHA-256 of the secret's base64url text; `None` for key-based devices.
     #[serde(with = "hash_b64")]
     pub(crate) secret_hash: Option<Hash>,
-    /// Bumped by rotation and re-registration; JWTs carry it as `ver`.
-    pub(crate) credential_version: u32,
+    /// A fresh value from the store-wide counter at every add, rotation, re-registration,
+    /// refresh and revocation; JWTs carry it as `ver`.
+    pub(crate) credential_version: u64,
     /// SHA-256 of the one live refresh token.
     #[serde(with = "hash_b64")]
     pub(crate) refresh_hash: Option<Hash>,
@@ -72,6 +85,14 @@ pub(crate) enum Write {
         device_id: String,
         command_id: String,
     },
+    /// The next credential version to hand out.
+    SetNextVersion(u64),
+    /// A new JWT signing key; the old one still verifies until the given time (ms).
+    SetJwtKeys {
+        current: [u8; 32],
+        previous: [u8; 32],
+        previous_until_ms: u64,
+    },
 }
 
 /// Everything in the file.
@@ -81,6 +102,9 @@ pub(crate) struct Loaded {
     pub(crate) tokens: Vec<TokenRecord>,
     pub(crate) commands: Vec<Command>,
     pub(crate) jwt_key: [u8; 32],
+    /// The key before the last rotation and until when (ms) it still verifies.
+    pub(crate) previous_jwt_key: Option<([u8; 32], u64)>,
+    pub(crate) next_version: u64,
 }
 
 /// The open redb database.
@@ -108,8 +132,9 @@ impl Store {
             .parent()
             .filter(|parent| !parent.as_os_str().is_empty())
         {
-            std::fs::create_dir_all(parent).map_err(|e| error(e.into()))?;
+            create_private_dir(parent).map_err(|e| error(e.into()))?;
         }
+        create_private_file(path).map_err(|e| error(e.into()))?;
         let db = Database::create(path).map_err(|e| error(redb::Error::from(e).into()))?;
         let store = Store {
             db,
@@ -151,8 +176,15 @@ impl Store {
                 None => {
                     meta.insert("schema", SCHEMA_VERSION)
                         .map_err(|e| self.redb(e))?;
+                    meta.insert(NEXT_VERSION, 1u64.to_be_bytes().as_slice())
+                        .map_err(|e| self.redb(e))?;
                 }
-                Some(SCHEMA_VERSION) => {}
+                Some(SCHEMA_VERSION) => {
+                    if meta.get(NEXT_VERSION).map_err(|e| self.redb(e))?.is_none() {
+                        meta.insert(NEXT_VERSION, MIGRATED_NEXT_VERSION.to_be_bytes().as_slice())
+                            .map_err(|e| self.redb(e))?;
+                    }
+                }
                 Some(other) => {
                     return Err(self.error(format!(
                         "unsupported registry schema {:?} (this build reads {:?})",
@@ -184,6 +216,28 @@ impl Store {
             .value()
             .try_into()
             .map_err(|_| self.error("jwt_key is not 32 bytes"))?;
+        let next = meta
+            .get(NEXT_VERSION)
+            .map_err(|e| self.redb(e))?
+            .ok_or_else(|| self.error(format!("missing {NEXT_VERSION}")))?;
+        let next: [u8; 8] = next
+            .value()
+            .try_into()
+            .map_err(|_| self.error(format!("{NEXT_VERSION} is not 8 bytes")))?;
+        loaded.next_version = u64::from_be_bytes(next);
+        let previous = meta
+            .get("previous_jwt_key")
+            .map_err(|e| self.redb(e))?
+            .map(|value| <[u8; 32]>::try_from(value.value()))
+            .transpose()
+            .map_err(|_| self.error("previous_jwt_key is not 32 bytes"))?;
+        let until = meta
+            .get("previous_jwt_key_until")
+            .map_err(|e| self.redb(e))?
+            .map(|value| <[u8; 8]>::try_from(value.value()).map(u64::from_be_bytes))
+            .transpose()
+            .map_err(|_| self.error("previous_jwt_key_until is not 8 bytes"))?;
+        loaded.previous_jwt_key = previous.zip(until);
 
         let devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
         loaded
@@ -232,6 +286,7 @@ impl Store {
             let mut devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
             let mut tokens = txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
             let mut commands = txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
+            let mut meta = txn.open_table(META).map_err(|e| self.redb(e))?;
             for write in writes {
                 match write {
                     Write::PutDevice(record) => {
@@ -266,11 +321,60 @@ impl Store {
                             .remove((device_id.as_str(), command_id.as_str()))
                             .map_err(|e| self.redb(e))?;
                     }
+                    Write::SetNextVersion(next) => {
+                        meta.insert(NEXT_VERSION, next.to_be_bytes().as_slice())
+                            .map_err(|e| self.redb(e))?;
+                    }
+                    Write::SetJwtKeys {
+                        current,
+                        previous,
+                        previous_until_ms,
+                    } => {
+                        meta.insert("jwt_key", current.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                        meta.insert("previous_jwt_key", previous.as_slice())
+                            .map_err(|e| self.redb(e))?;
+                        meta.insert(
+                            "previous_jwt_key_until",
+                            previous_until_ms.to_be_bytes().as_slice(),
+                        )
+                        .map_err(|e| self.redb(e))?;
+                    }
                 }
             }
         }
         txn.commit().map_err(|e| self.redb(e))
     }
+}
+
+/// Creates `dir` (and its parents) owner-only (0700 on Unix); an existing one is left as is
+/// (the daemon tightens the data dir, with a log line, before it opens the registry).
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Creates the registry file 0600 if it does not exist, and tightens an existing one to 0600:
+/// it holds the JWT signing key and the credential hashes.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let file = options.open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let permissions = file.metadata()?.permissions();
+        if permissions.mode() & 0o077 != 0 {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    drop(file);
+    Ok(())
 }
 
 /// `Option<[u8; 32]>` as base64 text in JSON.
@@ -302,5 +406,40 @@ mod hash_b64 {
             .try_into()
             .map_err(|_| D::Error::custom("hash is not 32 bytes"))?;
         Ok(Some(hash))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written before the version counter existed: the counter starts above every
+    /// version the old `u32` counter could have issued, so no pre-upgrade JWT of a deleted
+    /// device can match a version issued after the upgrade.
+    #[test]
+    fn a_file_without_the_counter_starts_it_at_2_pow_32() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("registry.redb");
+        {
+            let db = Database::create(&path)?;
+            let txn = db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert("schema", SCHEMA_VERSION)?;
+                meta.insert("jwt_key", [7u8; 32].as_slice())?;
+            }
+            txn.commit()?;
+        }
+        let (store, loaded) = Store::open(&path)?;
+        assert_eq!(loaded.next_version, 1 << 32);
+        assert_eq!(loaded.jwt_key, [7u8; 32]);
+        assert_eq!(loaded.previous_jwt_key, None);
+        drop(store);
+
+        let fresh = dir.path().join("fresh.redb");
+        let (_, loaded) = Store::open(&fresh)?;
+        assert_eq!(loaded.next_version, 1);
+        Ok(())
     }
 }

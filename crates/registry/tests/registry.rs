@@ -354,23 +354,62 @@ fn re_registration_with_same_key_is_idempotent_different_key_conflicts() {
         .unwrap();
 }
 
+/// Finding 3: a provisioning token and a known MAC do not take over a keyless device.
 #[test]
-fn keyless_re_registration_is_idempotent_with_new_secret() {
+fn finding_3_keyless_re_registration_conflicts_and_keeps_the_device() {
     let f = Fixture::new();
     let (_, token) = f.token(10);
     let first = f.register_mac(&token, MAC).unwrap();
-    let second = f.register_mac(&token, "00:11:22:33:44:55").unwrap();
-    assert_eq!(first.device.id, second.device.id);
-    assert_eq!(f.registry.len(), 1);
-    let (old, new) = (first.secret.unwrap(), second.secret.unwrap());
-    assert_ne!(old, new);
-    assert_eq!(
-        f.registry.authenticate_secret(&first.device.id, &old),
-        Err(AuthError::BadCredentials)
-    );
+    let mut revocations = f.registry.revocations();
+    let takeover = f.register_mac(&token, "00-11-22-33-44-55");
+    match &takeover {
+        Err(RegistryError::Conflict { id, reason, .. }) => {
+            assert_eq!(id, &first.device.id);
+            assert!(reason.contains("rotate"), "{reason}");
+        }
+        other => panic!("expected Conflict, got {other:?}"),
+    }
+    // The real device keeps its credentials, and no session was closed.
     f.registry
-        .authenticate_secret(&first.device.id, &new)
+        .authenticate_secret(&first.device.id, first.secret.as_deref().unwrap())
         .unwrap();
+    f.registry
+        .authenticate_jwt(&first.tokens.access_token)
+        .unwrap();
+    assert!(revocations.try_recv().is_err());
+    assert_eq!(f.registry.list_provisioning_tokens()[0].uses, 1);
+    // The admin re-provision is a rotation.
+    let rotated = f.registry.rotate_secret(&first.device.id).unwrap();
+    f.registry
+        .authenticate_secret(&first.device.id, rotated.secret.as_deref().unwrap())
+        .unwrap();
+}
+
+/// Finding 3: a keyless request for a key-based device, or a request signed by another key,
+/// is a Conflict; the registered key's signature re-registers.
+#[test]
+fn finding_3_only_the_registered_key_re_registers() {
+    let f = Fixture::new();
+    let (_, token) = f.token(10);
+    let first = f.register_key(&token, &key(7)).unwrap();
+    for attempt in [
+        f.registry.register(Registration {
+            provisioning_token: token.clone(),
+            imei: Some(IMEI.into()),
+            ..Registration::default()
+        }),
+        f.register_key(&token, &key(8)),
+    ] {
+        assert!(
+            matches!(attempt, Err(RegistryError::Conflict { .. })),
+            "{attempt:?}"
+        );
+    }
+    f.registry
+        .authenticate_jwt(&first.tokens.access_token)
+        .unwrap();
+    let again = f.register_key(&token, &key(7)).unwrap();
+    assert_eq!(again.device.id, first.device.id);
 }
 
 #[test]
@@ -393,8 +432,11 @@ fn registration_finds_admin_added_device_by_identifier() {
         })
         .unwrap();
     let (_, token) = f.token(1);
-    let provisioned = f.register_mac(&token, "aabbccddeeff").unwrap();
-    assert_eq!(provisioned.device.id, "pump-1");
+    // The identifier finds the device; without its key the registration is refused.
+    match f.register_mac(&token, "aabbccddeeff") {
+        Err(RegistryError::Conflict { id, .. }) => assert_eq!(id, "pump-1"),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
     assert_eq!(f.registry.len(), 1);
 }
 
@@ -613,6 +655,12 @@ fn refresh_is_single_use_and_expires() {
     assert_eq!(
         f.registry.authenticate_jwt(&renewed.access_token).unwrap(),
         id
+    );
+    // Finding 12: the access token it replaced stops working.
+    assert_eq!(
+        f.registry
+            .authenticate_jwt(&provisioned.tokens.access_token),
+        Err(AuthError::BadCredentials)
     );
     assert_eq!(
         f.registry.refresh(&provisioned.tokens.refresh_token),
@@ -1349,9 +1397,13 @@ fn everything_survives_reopen() {
         states,
         [("c-1", CommandState::Queued), ("c-2", CommandState::Sent)]
     );
-    // Identifier index rebuilt: re-registration finds the device, a different key conflicts.
+    // Identifier index rebuilt: a keyless re-registration finds the device (and is refused
+    // without proof of possession), a different key conflicts.
     let (_, token2) = f.token(5);
-    assert_eq!(f.register_mac(&token2, MAC).unwrap().device.id, *cid);
+    match f.register_mac(&token2, MAC) {
+        Err(RegistryError::Conflict { id, .. }) => assert_eq!(id, *cid),
+        other => panic!("expected Conflict, got {other:?}"),
+    }
     assert!(matches!(
         f.register_key(&token2, &key(2)),
         Err(RegistryError::Conflict { .. })
@@ -1389,6 +1441,123 @@ fn deletions_survive_reopen() {
             ..NewDevice::default()
         })
         .unwrap();
+}
+
+/// Finding 2: a JWT issued before a delete never works for the re-added device, not even
+/// after a restart, and credential versions never repeat for an id.
+#[test]
+fn finding_2_readd_does_not_revive_old_jwts() {
+    let f = Fixture::new();
+    let new = || NewDevice {
+        id: Some("dev-1".into()),
+        ..NewDevice::default()
+    };
+    let first = f.registry.add_device(new()).unwrap();
+    f.registry.delete_device("dev-1").unwrap();
+    let second = f.registry.add_device(new()).unwrap();
+    assert_eq!(
+        f.registry.authenticate_jwt(&first.tokens.access_token),
+        Err(AuthError::BadCredentials)
+    );
+    f.registry
+        .authenticate_jwt(&second.tokens.access_token)
+        .unwrap();
+    // Rotate, revoke, delete, restart, re-add: none of the earlier tokens comes back.
+    let rotated = f.registry.rotate_secret("dev-1").unwrap();
+    f.registry.revoke_device("dev-1").unwrap();
+    f.registry.delete_device("dev-1").unwrap();
+    let f = f.reopen();
+    let third = f.registry.add_device(new()).unwrap();
+    for old in [&first, &second, &rotated] {
+        assert_eq!(
+            f.registry.authenticate_jwt(&old.tokens.access_token),
+            Err(AuthError::BadCredentials)
+        );
+    }
+    f.registry
+        .authenticate_jwt(&third.tokens.access_token)
+        .unwrap();
+    // Self-registration after a delete likewise.
+    let (_, token) = f.token(10);
+    let registered = f.register_mac(&token, MAC).unwrap();
+    f.registry.delete_device(&registered.device.id).unwrap();
+    let again = f.register_mac(&token, MAC).unwrap();
+    assert_eq!(again.device.id, registered.device.id);
+    assert_eq!(
+        f.registry.authenticate_jwt(&registered.tokens.access_token),
+        Err(AuthError::BadCredentials)
+    );
+}
+
+/// Finding 4: a token issued under a longer `jwt_ttl` is refused once the TTL is shortened.
+#[test]
+fn finding_4_jwt_lifetime_above_jwt_ttl_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("registry.redb");
+    let clock = Arc::new(ManualClock::new(T0));
+    let registry =
+        Registry::open_with_clock(RegistryOptions::new(&path, "gw-test"), clock.clone()).unwrap();
+    let issued = registry.add_device(NewDevice::default()).unwrap();
+    registry
+        .authenticate_jwt(&issued.tokens.access_token)
+        .unwrap();
+    drop(registry);
+    let mut options = RegistryOptions::new(&path, "gw-test");
+    options.jwt_ttl = Duration::from_secs(600);
+    let registry = Registry::open_with_clock(options, clock).unwrap();
+    assert_eq!(
+        registry.authenticate_jwt(&issued.tokens.access_token),
+        Err(AuthError::Malformed)
+    );
+}
+
+/// Finding 4: the registry file (it holds the JWT key) is 0600 and its new directory 0700,
+/// whatever the umask; an existing looser file is tightened.
+#[cfg(unix)]
+#[test]
+fn finding_4_registry_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mode =
+        |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let path = dir.path().join("fresh").join("registry.redb");
+    drop(Registry::open(RegistryOptions::new(&path, "gw-test")).unwrap());
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(path.parent().unwrap()), 0o700);
+
+    let loose = dir.path().join("loose.redb");
+    drop(Registry::open(RegistryOptions::new(&loose, "gw-test")).unwrap());
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop(Registry::open(RegistryOptions::new(&loose, "gw-test")).unwrap());
+    assert_eq!(mode(&loose), 0o600);
+}
+
+/// Key rotation: the old key verifies for `jwt_ttl` (also after a restart), new tokens use
+/// the new key, and after the grace period only the new key verifies.
+#[test]
+fn jwt_key_rotation_has_a_grace_period() {
+    let f = Fixture::new();
+    let before = f.registry.add_device(NewDevice::default()).unwrap();
+    let until = f.registry.rotate_jwt_key().unwrap();
+    assert_eq!(until, T0 + 3_600_000);
+    let after = f.registry.add_device(NewDevice::default()).unwrap();
+    let f = f.reopen();
+    f.registry
+        .authenticate_jwt(&before.tokens.access_token)
+        .unwrap();
+    f.registry
+        .authenticate_jwt(&after.tokens.access_token)
+        .unwrap();
+    // The new key really is new: a refresh issues tokens that verify after the grace period.
+    f.clock.advance(Duration::from_secs(3000));
+    let renewed = f.registry.refresh(&after.tokens.refresh_token).unwrap();
+    f.clock.advance(Duration::from_secs(601));
+    assert_eq!(
+        f.registry.authenticate_jwt(&before.tokens.access_token),
+        Err(AuthError::BadCredentials),
+        "the old key no longer verifies"
+    );
+    f.registry.authenticate_jwt(&renewed.access_token).unwrap();
 }
 
 #[test]

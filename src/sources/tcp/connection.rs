@@ -414,12 +414,12 @@ impl Connection {
     }
 
     /// Checks a hello's credentials under the source's auth mode, with growing delays
-    /// after failures per peer address and per device.
+    /// after failures per peer address and per (device, peer address).
     fn authenticate(&self, device: &str, token: Option<&str>) -> Result<(), &'static str> {
         let services = &self.shared.services;
         let settings = &self.shared.settings;
         let now = services.uptime();
-        let peer = self.peer_key();
+        let peer = self.peer.ip();
         if settings.auth == AuthMode::None
             || self
                 .certified
@@ -428,9 +428,7 @@ impl Connection {
         {
             return Ok(());
         }
-        if services.throttle.check(&peer, now).is_err()
-            || services.throttle.check(device, now).is_err()
-        {
+        if services.throttle.check(peer, Some(device), now).is_err() {
             return Err("too many failed attempts; retry later");
         }
         let valid = match (settings.auth, token) {
@@ -450,19 +448,12 @@ impl Connection {
             (AuthMode::None, Some(_)) => true,
         };
         if valid {
-            services.throttle.success(&peer);
-            services.throttle.success(device);
+            services.throttle.success(peer, Some(device));
             Ok(())
         } else {
-            services.throttle.failure(&peer, now);
-            services.throttle.failure(device, now);
+            services.throttle.failure(peer, Some(device), now);
             Err("invalid credentials")
         }
-    }
-
-    /// The throttle key of this connection's peer address.
-    fn peer_key(&self) -> String {
-        format!("ip:{}", self.peer.ip())
     }
 
     /// Makes the device reachable for commands and announces it online.

@@ -1,14 +1,17 @@
 //! The admin-only `/debug/pprof/*` routes of the HTTP API.
 //!
 //! Off unless `api.admin_token` is set: without a token every route answers 404, as if it
-//! did not exist. With one, a request needs `Authorization: Bearer <token>` (401 otherwise)
-//! before anything else is looked at, so an anonymous caller learns nothing about the build.
+//! did not exist. With one, a request needs `Authorization: Bearer <token>` (401 otherwise,
+//! 429 while its address is throttled) before anything else is looked at, so an anonymous
+//! caller learns nothing about the build. The check is the gateway's one admin check,
+//! [`AdminAuth`]: constant time, throttled, counted.
 //!
 //! - `GET /debug/pprof/profile?seconds=N&format=flamegraph|pprof`: a CPU profile over N
 //!   seconds (1..=60, default 10); 409 while another profile runs, 501 without the
 //!   `profiling` feature.
 //! - `GET /debug/pprof/heap`: always 501; the system allocator keeps no allocation sites.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +22,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use super::{CpuProfiler, MAX_PROFILE_DURATION, ProfileError, ProfileFormat};
+use crate::api::admin::{AdminAuth, AdminDenied};
+use crate::api::extract::ClientIp;
 
 /// A CPU profile's length when the request names none.
 const DEFAULT_PROFILE_SECONDS: u64 = 10;
@@ -26,8 +31,8 @@ const DEFAULT_PROFILE_SECONDS: u64 = 10;
 /// What the debug routes need: who may call them and the profiler they drive.
 #[derive(Debug)]
 pub struct DebugState {
-    /// `api.admin_token`; `None` turns the routes off (404).
-    pub admin_token: Option<String>,
+    /// The gateway's admin check; without an admin token the routes are off (404).
+    pub admin: Arc<AdminAuth>,
     /// The gateway's one CPU profiler.
     pub profiler: Arc<CpuProfiler>,
 }
@@ -46,57 +51,38 @@ fn json_error(status: StatusCode, message: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
-/// Why a debug request was turned away before its handler ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Denied {
-    /// No `api.admin_token`: the routes are off.
-    Disabled,
-    /// The bearer token is missing or wrong.
-    Unauthorized,
-}
-
-impl IntoResponse for Denied {
-    fn into_response(self) -> Response {
-        match self {
-            Self::Disabled => StatusCode::NOT_FOUND.into_response(),
-            Self::Unauthorized => {
-                let mut response = json_error(
-                    StatusCode::UNAUTHORIZED,
-                    "missing or wrong admin token: send `Authorization: Bearer <api.admin_token>`",
-                );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                response
-            }
+/// A refusal of the admin check as the debug routes answer it.
+fn denied_response(denied: AdminDenied) -> Response {
+    match denied {
+        AdminDenied::Disabled => StatusCode::NOT_FOUND.into_response(),
+        AdminDenied::Throttled(wait) => {
+            let mut response = json_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many failed attempts from this address; retry later",
+            );
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            response
+        }
+        AdminDenied::Missing | AdminDenied::Wrong => {
+            let mut response = json_error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong admin token: send `Authorization: Bearer <api.admin_token>`",
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
         }
     }
 }
 
-/// 404 when no token is configured, 401 unless the request carries it.
-fn authorize(state: &DebugState, headers: &HeaderMap) -> Result<(), Denied> {
-    let Some(expected) = state.admin_token.as_deref() else {
-        return Err(Denied::Disabled);
-    };
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    if presented.is_some_and(|token| same_secret(token.trim().as_bytes(), expected.as_bytes())) {
-        Ok(())
-    } else {
-        Err(Denied::Unauthorized)
-    }
-}
-
-/// Compares without stopping at the first differing byte, so timing does not leak a prefix.
-fn same_secret(presented: &[u8], expected: &[u8]) -> bool {
-    presented.len() == expected.len()
-        && presented
-            .iter()
-            .zip(expected)
-            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-            == 0
+/// 404 when no token is configured, 429 while the caller's address is throttled, 401 unless
+/// the request carries an admin token.
+fn authorize(state: &DebugState, ip: IpAddr, headers: &HeaderMap) -> Result<(), AdminDenied> {
+    state.admin.check(ip, headers)
 }
 
 /// What a profile request asked for.
@@ -145,11 +131,12 @@ fn parse_profile_query(query: Option<&str>) -> Result<ProfileRequest, String> {
 
 async fn cpu_profile(
     State(state): State<Arc<DebugState>>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
+    if let Err(denied) = authorize(&state, ip, &headers) {
+        return denied_response(denied);
     }
     let request = match parse_profile_query(query.as_deref()) {
         Ok(request) => request,
@@ -185,9 +172,13 @@ async fn cpu_profile(
     }
 }
 
-async fn heap_profile(State(state): State<Arc<DebugState>>, headers: HeaderMap) -> Response {
-    if let Err(denied) = authorize(&state, &headers) {
-        return denied.into_response();
+async fn heap_profile(
+    State(state): State<Arc<DebugState>>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+) -> Response {
+    if let Err(denied) = authorize(&state, ip, &headers) {
+        return denied_response(denied);
     }
     json_error(
         StatusCode::NOT_IMPLEMENTED,
@@ -206,7 +197,10 @@ mod tests {
 
     fn router(admin_token: Option<&str>) -> Router {
         routes(Arc::new(DebugState {
-            admin_token: admin_token.map(str::to_owned),
+            admin: Arc::new(AdminAuth::new(
+                admin_token,
+                &crate::telemetry::Metrics::new(),
+            )),
             profiler: Arc::new(CpuProfiler::new(CancellationToken::new())),
         }))
     }
@@ -368,11 +362,29 @@ mod tests {
         }
     }
 
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abd", b"abc"));
-        assert!(!same_secret(b"ab", b"abc"));
-        assert!(!same_secret(b"", b"abc"));
+    /// Finding 6: the debug routes share the admin check: failures are counted under
+    /// `source="api_admin"` and throttled (429), whatever the length of the guess.
+    #[tokio::test]
+    async fn finding_6_failures_are_counted_and_throttled() {
+        let metrics = crate::telemetry::Metrics::new();
+        let router = routes(Arc::new(DebugState {
+            admin: Arc::new(AdminAuth::new(Some("s3cret"), &metrics)),
+            profiler: Arc::new(CpuProfiler::new(CancellationToken::new())),
+        }));
+        for guess in ["x", "s3creT", "a-much-longer-guess", "s", "s3cre"] {
+            let (status, _, _) = get_status(router.clone(), "/debug/pprof/heap", Some(guess)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{guess}");
+        }
+        let (status, _, _) = get_status(router.clone(), "/debug/pprof/heap", None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, headers, _) =
+            get_status(router.clone(), "/debug/pprof/heap", Some("s3cret")).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(headers.contains_key(header::RETRY_AFTER));
+        let text = metrics.encode();
+        assert!(
+            text.contains("fieldgate_auth_failures_total{source=\"api_admin\"} 7"),
+            "{text}"
+        );
     }
 }
