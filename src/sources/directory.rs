@@ -10,7 +10,7 @@
 //! closing never takes a newer one's place.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fieldgate_core::DeviceId;
@@ -90,6 +90,8 @@ struct State {
 #[derive(Default)]
 pub struct DeviceDirectory {
     state: Mutex<State>,
+    /// The last connection id handed out.
+    last_connection: AtomicU64,
 }
 
 impl DeviceDirectory {
@@ -97,6 +99,12 @@ impl DeviceDirectory {
         self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A connection id no other connection of any source has: sessions and their queued
+    /// commands are keyed by it.
+    pub fn next_connection_id(&self) -> u64 {
+        self.last_connection.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Connection `connection` (woken through `signal`) now speaks for `device`, as its
@@ -268,6 +276,13 @@ mod tests {
         first.close_requested().await;
         second.close_requested().await;
         assert!(!bystander.closing.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn connection_ids_are_unique() {
+        let directory = DeviceDirectory::default();
+        let first = directory.next_connection_id();
+        assert_ne!(first, directory.next_connection_id());
     }
 
     #[test]
