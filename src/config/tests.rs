@@ -602,11 +602,6 @@ fn network_defence_values_are_checked() {
             "sources.devices.unauthenticated_max_frame",
         ),
         (
-            "framing = \"lines\"",
-            "unauthenticated_max_frame = \"1MiB\"",
-            "sources.devices.unauthenticated_max_frame",
-        ),
-        (
             "data_dir = \"./data\"",
             "partial_frame_budget = \"16KiB\"",
             "gateway.partial_frame_budget",

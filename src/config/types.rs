@@ -330,7 +330,8 @@ pub struct TcpSourceConfig {
     /// `auth = "none"`) by then is closed; heartbeats do not count.
     #[serde(default = "default_hello_timeout")]
     pub hello_timeout: HumanDuration,
-    /// Largest frame before a successful hello when `auth` is `token` or `registry`.
+    /// Largest frame before a successful hello when `auth` is `token` or `registry`
+    /// (never more than `max_frame`).
     #[serde(default = "default_unauthenticated_max_frame")]
     pub unauthenticated_max_frame: ByteSize,
     /// TLS on the listener.
@@ -359,13 +360,8 @@ impl TcpSourceConfig {
         if self.hello_timeout.0.is_zero() {
             return Err(whole("hello_timeout", "must be above 0"));
         }
-        if self.unauthenticated_max_frame.0 < 256
-            || self.unauthenticated_max_frame.0 > self.max_frame.0
-        {
-            return Err(whole(
-                "unauthenticated_max_frame",
-                "must be between 256B and max_frame",
-            ));
+        if self.unauthenticated_max_frame.0 < 256 {
+            return Err(whole("unauthenticated_max_frame", "must be at least 256B"));
         }
         if self.max_connections == 0 {
             return Err(whole("max_connections", "must be at least 1"));

@@ -131,8 +131,10 @@ impl TcpSource {
             idle_timeout: config.heartbeat_interval.0 * config.heartbeat_misses.max(1),
             frame_timeout: config.frame_timeout.0,
             hello_timeout: config.hello_timeout.0,
-            unauthenticated_max_frame: usize::try_from(config.unauthenticated_max_frame.0)
-                .unwrap_or(usize::MAX),
+            unauthenticated_max_frame: usize::try_from(
+                config.unauthenticated_max_frame.0.min(config.max_frame.0),
+            )
+            .unwrap_or(usize::MAX),
         };
         let shared = SourceShared {
             settings,
