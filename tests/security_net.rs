@@ -772,6 +772,77 @@ async fn finding_8_http_flood_leaves_devices_and_buffers_working() {
     );
 }
 
+/// Finding 8, the other HTTP bounds: beyond `api.max_connections` a connection is closed at
+/// once, and a connection with no traffic for `api.idle_timeout` (slow headers or a stalled
+/// body) is closed; both counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finding_8_api_connection_cap_and_idle_timeout() {
+    let ports = Ports::new();
+    let text = config(
+        &ports,
+        "max_connections = 4\nidle_timeout = \"1s\"\nheader_timeout = \"5s\"",
+        "auth = \"registry\"",
+        "\"devices\", \"http\"",
+        "[registry]\n",
+    );
+    let gateway = Gateway::start(&text).await;
+    let api_addr = gateway.api;
+    let (_, jwt) = add_device(api_addr, "dev-slow").await;
+
+    // A stalled body: headers complete, 10 of 100 bytes sent.
+    let mut stalled = TcpStream::connect(api_addr).await.expect("connect");
+    let request = format!(
+        "POST /api/v1/devices/dev-slow/telemetry HTTP/1.1\r\nHost: t\r\n\
+         Authorization: Bearer {jwt}\r\nContent-Type: application/json\r\n\
+         Content-Length: 100\r\n\r\n{{\"temp\": 1"
+    );
+    stalled.write_all(request.as_bytes()).await.expect("send");
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut stream = TcpStream::connect(api_addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .expect("send");
+        slow.push(stream);
+    }
+    // The fifth is over the cap: closed at once, without an answer.
+    let mut over = TcpStream::connect(api_addr).await.expect("connect");
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(Duration::from_millis(800), over.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "a connection over max_connections was kept: {read:?}"
+    );
+    // The idle ones are cut after about a second, long before the 5 s header timeout.
+    let started = Instant::now();
+    for stream in slow.iter_mut().chain(std::iter::once(&mut stalled)) {
+        let read = tokio::time::timeout(Duration::from_secs(4), stream.read(&mut buf)).await;
+        assert!(read.is_ok(), "an idle API connection stayed open");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    gateway
+        .wait_metric(
+            "fieldgate_refused_connections_total",
+            &[("source", "api"), ("reason", "idle_timeout")],
+            Duration::from_secs(5),
+            |count| count >= 4.0,
+        )
+        .await;
+    gateway
+        .wait_metric(
+            "fieldgate_refused_connections_total",
+            &[("source", "api"), ("reason", "max_connections")],
+            Duration::from_secs(5),
+            |count| count >= 1.0,
+        )
+        .await;
+}
+
 /// Finding 12 (network side): a device may not publish `"kind":"status"` over TCP or HTTP
 /// (the gateway's word; refused, named and counted), HTTP telemetry without a JSON
 /// Content-Type is 415, and a 404 does not echo a 10 kB path.

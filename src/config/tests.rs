@@ -578,7 +578,7 @@ fn network_defence_keys_have_defaults() {
     );
     let api = config.api.unwrap_or_else(|| panic!("[api] expected"));
     assert_eq!(api.header_timeout.0, std::time::Duration::from_secs(10));
-    assert_eq!(api.idle_timeout.0, std::time::Duration::from_secs(60));
+    assert_eq!(api.idle_timeout.0, std::time::Duration::from_secs(120));
     assert_eq!(api.max_connections, 256);
     assert_eq!(api.fd_reserve, 128);
 }

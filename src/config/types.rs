@@ -126,8 +126,10 @@ pub struct ApiConfig {
 fn default_api_header_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }
+/// Above the longest CPU profile (`/debug/pprof/profile?seconds=60`), which sends nothing
+/// until it is done.
 fn default_api_idle_timeout() -> HumanDuration {
-    HumanDuration(Duration::from_secs(60))
+    HumanDuration(Duration::from_secs(120))
 }
 fn default_api_max_connections() -> usize {
     256
