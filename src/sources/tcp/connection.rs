@@ -103,30 +103,17 @@ struct Connection {
     out: BytesMut,
     /// The source's shutdown.
     shutdown: CancellationToken,
-    /// This connection's share of the gateway-wide partial frame budget.
-    budget: BudgetShare,
+    /// Bytes this connection holds of the gateway-wide partial frame budget; given back
+    /// on drop, whatever way the connection ends.
+    budget_held: usize,
 }
 
-/// Bytes a connection holds of the partial frame budget; given back on drop, whatever
-/// way the connection ends.
-struct BudgetShare {
-    shared: Arc<SourceShared>,
-    held: usize,
-}
-
-impl BudgetShare {
-    /// Resizes the share to `wanted`; false when the budget is exhausted.
-    fn resize(&mut self, wanted: usize) -> bool {
+impl Drop for Connection {
+    fn drop(&mut self) {
         self.shared
             .services
             .frame_budget
-            .resize(&mut self.held, wanted)
-    }
-}
-
-impl Drop for BudgetShare {
-    fn drop(&mut self) {
-        self.shared.services.frame_budget.release(&mut self.held);
+            .release(&mut self.budget_held);
     }
 }
 
@@ -166,10 +153,7 @@ pub async fn serve(
         rate_window_frames: 0,
         out: BytesMut::new(),
         shutdown,
-        budget: BudgetShare {
-            shared: Arc::clone(&shared),
-            held: 0,
-        },
+        budget_held: 0,
     };
     let reason = connection.run().await;
     // Boxed, like the other rarely-running paths below: an idle connection's task then
@@ -249,7 +233,7 @@ impl Connection {
                                 fitting.extend_from_slice(&self.buf);
                                 self.buf = fitting;
                             }
-                            if !self.budget.resize(self.buf.capacity()) {
+                            if !self.resize_budget(self.buf.capacity()) {
                                 return Box::pin(self.refuse(
                                     CloseReason::FrameBudget,
                                     "the gateway holds too many unfinished frames; finish frames promptly",
@@ -547,6 +531,17 @@ impl Connection {
         }
     }
 
+    /// Resizes this connection's share of the partial frame budget to `wanted` bytes;
+    /// false when the budget is exhausted.
+    fn resize_budget(&mut self, wanted: usize) -> bool {
+        wanted == self.budget_held
+            || self
+                .shared
+                .services
+                .frame_budget
+                .resize(&mut self.budget_held, wanted)
+    }
+
     /// Whether the source wants a hello and none has authenticated this connection yet.
     fn awaiting_hello(&self) -> bool {
         self.shared.settings.auth != AuthMode::None && self.hello_device.is_none()
@@ -564,7 +559,7 @@ impl Connection {
             "connection closed by a defence"
         );
         self.buf = BytesMut::new();
-        self.budget.resize(0);
+        self.resize_budget(0);
         let _sent = self
             .reply(&Reply::Error {
                 code: reason.as_str(),
