@@ -27,6 +27,7 @@ use crate::sinks;
 use crate::sinks::deadletter::DeadLetters;
 use crate::sources::DeviceServices;
 use crate::sources::directory::{DeviceDirectory, close_revoked};
+use crate::sources::limits::{FdReserve, PartialFrameBudget};
 use crate::sources::tcp::TcpSource;
 use crate::telemetry::Metrics;
 use crate::telemetry::profiling::CpuProfiler;
@@ -41,6 +42,8 @@ const SINK_GOODBYE: Duration = Duration::from_secs(1);
 const REGISTRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bound on the API and watchdog ending at shutdown.
 const OBSERVERS_GOODBYE: Duration = Duration::from_millis(500);
+/// File descriptors kept free for buffers and device listeners when there is no `[api]`.
+const DEFAULT_FD_RESERVE: usize = 128;
 
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down gracefully.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -63,12 +66,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             Arc::clone(&directory),
         ))
     });
+    let fds = Arc::new(FdReserve::new(
+        config
+            .api
+            .as_ref()
+            .map_or(DEFAULT_FD_RESERVE, |api| api.fd_reserve),
+    ));
     let services = Arc::new(DeviceServices {
         directory: Arc::clone(&directory),
         registry: registry.clone(),
         commands: commands.clone(),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
         started: tokio::time::Instant::now(),
+        frame_budget: PartialFrameBudget::new(
+            usize::try_from(config.gateway.partial_frame_budget.0).unwrap_or(usize::MAX),
+        ),
+        fds: Arc::clone(&fds),
     });
     let admin = Arc::new(admin_auth(&config, &metrics));
     let v1_state = registry.as_ref().map(|registry| {
@@ -107,6 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         api_tasks.spawn(api::serve(
             listener,
             Arc::clone(&api_state),
+            api::ServeLimits::from_config(api, Arc::clone(&fds)),
             api_stop.clone(),
         ));
     }

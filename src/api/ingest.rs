@@ -4,9 +4,10 @@
 //! of them; each becomes an [`Event`] of kind `telemetry` (or the object's `"kind"`) that
 //! enters the pipeline like a TCP frame, for every sink listing `"http"` in `inputs`.
 //!
-//! Invariants: authentication comes before the body is read; the body is capped at
-//! [`MAX_BODY`] and [`MAX_EVENTS`]; 202 is answered only once every event is in every
-//! sink's buffer (ack-driven, like a TCP source with `ack = true`).
+//! Invariants: authentication comes before the body is read; the body must be declared
+//! `application/json` (415 otherwise) and is capped at [`MAX_BODY`] and [`MAX_EVENTS`];
+//! `"kind":"status"` is refused (status is the gateway's word); 202 is answered only once
+//! every event is in every sink's buffer (ack-driven, like a TCP source with `ack = true`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use serde_json::value::RawValue;
 use utoipa::ToSchema;
 
 use super::extract::{ApiPath, ClientIp, JsonResponse, bearer};
-use super::problem::{ApiError, Problem};
+use super::problem::{ApiError, MAX_ECHO, Problem, truncated};
 use super::v1::{DEVICE_SOURCE, V1State};
 use crate::pipeline::{AckOutcome, SourceOutput};
 use crate::sources::now_ms;
@@ -116,6 +117,7 @@ impl ToSchema for TelemetryBody {}
         (status = 404, description = "No sink lists `http` in `inputs`", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within 10 s", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body over 1 MiB or over 1000 events", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "The body is not declared `Content-Type: application/json`", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "Too many failed attempts from this address or for this device", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The pipeline did not store the events in time; retry", body = Problem, content_type = "application/problem+json"),
     ),
@@ -129,6 +131,15 @@ pub async fn telemetry(
 ) -> Result<JsonResponse<Accepted>, ApiError> {
     state.check_throttle(ip, Some(&id))?;
     authenticate(&state, ip, &id, &headers)?;
+    if !is_json(&headers) {
+        count_refusal(&state, "unsupported_media_type");
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Unsupported media type",
+            "send the body with `Content-Type: application/json`",
+        ));
+    }
 
     let Some(output) = state.ingest.current() else {
         return Err(if state.ingest_enabled {
@@ -191,7 +202,8 @@ pub async fn telemetry(
     })?;
 
     let received_at_ms = now_ms();
-    let events = parse_events(&id, &body, received_at_ms, &state.source_name)?;
+    let events = parse_events(&id, &body, received_at_ms, &state.source_name)
+        .inspect_err(|err| count_refusal(&state, err.code()))?;
     let count = events.len();
     let sizes: Vec<u64> = events
         .iter()
@@ -243,6 +255,29 @@ pub async fn telemetry(
     ))
 }
 
+/// Whether the request declares a JSON body: `application/json`, parameters allowed.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|media| media.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Counts a refused body in `fieldgate_protocol_parse_failures_total{source="http",reason}`
+/// (the reason is the problem's stable code) and logs it.
+fn count_refusal(state: &V1State, reason: &'static str) {
+    state
+        .metrics()
+        .parse_failures
+        .get_or_create(&crate::telemetry::metrics::ParseLabels {
+            source: HTTP_SOURCE.to_owned(),
+            reason: reason.to_owned(),
+        })
+        .inc();
+    tracing::info!(source = HTTP_SOURCE, reason, "telemetry refused");
+}
+
 /// Checks the device JWT; counts and throttles a failure.
 fn authenticate(
     state: &V1State,
@@ -271,7 +306,7 @@ fn authenticate(
             StatusCode::FORBIDDEN,
             "wrong_device",
             "Wrong device",
-            format!("the token is not device {id:?}'s"),
+            format!("the token is not device {:?}'s", truncated(id, MAX_ECHO)),
         )));
     }
     Ok(())
@@ -337,10 +372,21 @@ fn parse_events(
             .map_err(|err| ApiError::invalid(&format!("events[{index}]"), err))?;
         let kind = match envelope.kind.as_deref() {
             None => EventKind::Telemetry,
+            Some("status") => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "reserved_kind",
+                    "Reserved kind",
+                    format!(
+                        "{}: \"status\" is reserved: the gateway reports a device's status itself",
+                        field("kind")
+                    ),
+                ));
+            }
             Some(name) => EventKind::parse(name).ok_or_else(|| {
                 ApiError::invalid(
                     &field("kind"),
-                    "expected telemetry, status, alarm, command_result or event",
+                    "expected telemetry, alarm, command_result or event",
                 )
             })?,
         };
@@ -407,6 +453,7 @@ mod tests {
             ("{\"kind\":5}", "invalid_field"),
             ("{\"ts\":-1}", "invalid_field"),
             ("{\"device\":\"other\"}", "invalid_field"),
+            ("{\"kind\":\"status\"}", "reserved_kind"),
             ("{", "invalid_json"),
         ] {
             let err = parse(body)
@@ -415,6 +462,23 @@ mod tests {
             assert_eq!(err.code(), code, "{body}");
             assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{body}");
         }
+    }
+
+    #[test]
+    fn only_a_json_content_type_is_json() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                value.parse().unwrap_or_else(|e| panic!("{e}")),
+            );
+            is_json(&headers)
+        };
+        assert!(with("application/json"));
+        assert!(with("Application/JSON; charset=utf-8"));
+        assert!(!with("text/plain"));
+        assert!(!with("application/jsonx"));
+        assert!(!is_json(&HeaderMap::new()));
     }
 
     #[test]

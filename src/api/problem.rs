@@ -2,7 +2,9 @@
 //! body `{type, title, status, detail, code}` whose `code` is stable and documented.
 //!
 //! Invariant: bad input is a 4xx; only a failing disk (registry storage) or a stalled
-//! pipeline answers 5xx. `detail` never contains a secret, a token or a hash.
+//! pipeline answers 5xx. `detail` never contains a secret, a token or a hash, and never
+//! more than [`MAX_DETAIL`] bytes: what a client sent (an id from a 10 kB path) is echoed
+//! cut to [`MAX_ECHO`] bytes.
 
 use std::time::Duration;
 
@@ -15,6 +17,22 @@ use utoipa::ToSchema;
 
 /// The media type of every error body.
 pub const PROBLEM_JSON: &str = "application/problem+json";
+/// Most bytes of a client's input (an id, a path) echoed in a `detail`.
+pub const MAX_ECHO: usize = 256;
+/// Most bytes of a `detail`.
+pub const MAX_DETAIL: usize = 1024;
+
+/// `text` cut to at most `limit` bytes at a character boundary, marked when cut.
+pub fn truncated(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}… ({} bytes)", &text[..end], text.len()))
+}
 
 /// An RFC 7807 problem document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -50,11 +68,16 @@ impl ApiError {
         title: &'static str,
         detail: impl Into<String>,
     ) -> Self {
+        let detail = detail.into();
+        let detail = match truncated(&detail, MAX_DETAIL) {
+            std::borrow::Cow::Borrowed(_) => detail,
+            std::borrow::Cow::Owned(cut) => cut,
+        };
         Self {
             status,
             code,
             title,
-            detail: detail.into(),
+            detail,
             retry_after: None,
         }
     }
@@ -75,7 +98,7 @@ impl ApiError {
             StatusCode::NOT_FOUND,
             "not_found",
             "Not found",
-            format!("{what} {id:?} does not exist"),
+            format!("{what} {:?} does not exist", truncated(id, MAX_ECHO)),
         )
     }
 
@@ -106,7 +129,6 @@ impl ApiError {
     }
 
     /// The stable code.
-    #[cfg(test)]
     pub fn code(&self) -> &'static str {
         self.code
     }
@@ -145,11 +167,11 @@ impl IntoResponse for ApiError {
 impl From<RegistryError> for ApiError {
     fn from(err: RegistryError) -> Self {
         match &err {
-            RegistryError::NotFound { .. } => Self::new(
+            RegistryError::NotFound { what, id } => Self::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 "Not found",
-                err.to_string(),
+                format!("{what} {:?} not found", truncated(id, MAX_ECHO)),
             ),
             RegistryError::Conflict { .. } => Self::new(
                 StatusCode::CONFLICT,
@@ -295,6 +317,18 @@ mod tests {
                 "malformed_token"
             ]
         );
+    }
+
+    #[test]
+    fn echoed_input_is_cut() {
+        let long = "é".repeat(5000);
+        let err = ApiError::not_found("device", &long);
+        let detail = err.problem().detail;
+        assert!(detail.len() < MAX_ECHO + 64, "{} bytes", detail.len());
+        assert!(detail.contains("(10000 bytes)"), "{detail}");
+        let err = ApiError::new(StatusCode::BAD_REQUEST, "x", "X", "a".repeat(50_000));
+        assert!(err.problem().detail.len() <= MAX_DETAIL + 32);
+        assert_eq!(truncated("short", MAX_ECHO), "short");
     }
 
     #[test]

@@ -102,6 +102,11 @@ impl V1State {
         }
     }
 
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// The attached command dispatcher, if any.
     pub fn commands(&self) -> Option<Arc<CommandDispatcher>> {
         self.commands.get().cloned()

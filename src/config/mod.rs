@@ -197,6 +197,22 @@ fn deserialize<T: DeserializeOwned>(
     T::deserialize(ValueDeserializer::from(value)).map_err(|err| context.toml_error(&err, path))
 }
 
+/// Why a source whose devices name themselves without proof cannot share a gateway with
+/// the registry: one device id namespace, so a claimed id could be a registered device's.
+fn unproven_beside_registry(auth: AuthMode) -> String {
+    let mode = match auth {
+        AuthMode::None => "\"none\"",
+        AuthMode::Token => "\"token\"",
+        AuthMode::Registry => "\"registry\"",
+    };
+    format!(
+        "auth = {mode} cannot be used beside [registry]: its devices name themselves without \
+         proof, so one could claim a registered device's id, receive that device's commands \
+         and report their results; use auth = \"registry\" on this source, or run \
+         unregistered devices on a gateway without [registry]"
+    )
+}
+
 /// Checks what one component cannot check alone: references and shared resources.
 fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigError> {
     if config.gateway.id.is_empty()
@@ -244,6 +260,7 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
     };
     if let Some(api) = &config.api {
         claim(&api.address, "api.address".into())?;
+        api.check(context)?;
         if api.admin_token.as_deref().is_some_and(str::is_empty) {
             return Err(context
                 .error_at(
@@ -297,6 +314,23 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
             )
             .without_line());
     }
+    let largest_frame = config
+        .sources
+        .values()
+        .map(|source| match source {
+            SourceConfig::Tcp(tcp) => tcp.max_frame.0,
+        })
+        .max()
+        .unwrap_or(0);
+    if config.gateway.partial_frame_budget.0 < largest_frame.max(64 * 1024) {
+        return Err(context
+            .error_at(
+                0..0,
+                "gateway.partial_frame_budget",
+                "must be at least 64KiB and at least the largest max_frame of a source".into(),
+            )
+            .without_line());
+    }
     if config.gateway.shutdown_grace.0.is_zero() {
         return Err(context
             .error_at(0..0, "gateway.shutdown_grace", "must be above 0".into())
@@ -313,6 +347,15 @@ fn validate(config: &Config, context: &error::Context<'_>) -> Result<(), ConfigE
                             0..0,
                             &format!("sources.{name}.auth"),
                             "auth = \"registry\" needs a [registry] table".into(),
+                        )
+                        .without_line());
+                }
+                if config.registry.is_some() && tcp.auth != AuthMode::Registry {
+                    return Err(context
+                        .error_at(
+                            0..0,
+                            &format!("sources.{name}.auth"),
+                            unproven_beside_registry(tcp.auth),
                         )
                         .without_line());
                 }

@@ -388,11 +388,44 @@ fn a_source_no_sink_reads_is_an_error() {
     assert_eq!(err.key.as_deref(), Some("sources.spare"), "{err}");
 }
 
+/// The contract snippet with its TCP source authenticating against the registry.
+fn registry_contract() -> String {
+    contract_with(
+        "framing = \"lines\"",
+        "framing = \"lines\"\nauth = \"registry\"",
+    )
+}
+
+#[test]
+fn unproven_sources_are_refused_beside_the_registry() {
+    for auth in ["", "auth = \"none\"", "auth = \"token\"\ntokens = [\"t\"]"] {
+        let text = format!(
+            "{}\n[registry]\n",
+            contract_with(
+                "framing = \"lines\"",
+                &format!("framing = \"lines\"\n{auth}")
+            )
+        );
+        let err = parse_err(&text);
+        assert_eq!(
+            err.key.as_deref(),
+            Some("sources.devices.auth"),
+            "{auth}: {err}"
+        );
+        let message = err.to_string();
+        assert!(
+            message.contains("beside [registry]") && message.contains("registered device's id"),
+            "{auth}: {message}"
+        );
+    }
+    parse_ok(&format!("{}\n[registry]\n", registry_contract()));
+}
+
 #[test]
 fn registry_section_has_defaults_and_allows_the_http_input() {
     let config = parse_ok(&format!(
         "{}\n[registry]\n",
-        contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+        registry_contract().replace("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
     ));
     let registry = config
         .registry
@@ -403,7 +436,8 @@ fn registry_section_has_defaults_and_allows_the_http_input() {
         std::time::Duration::from_secs(30 * 24 * 3600)
     );
     let config = parse_ok(&format!(
-        "{CONTRACT}\n[registry]\njwt_ttl = \"15m\"\nrefresh_ttl = \"7d\"\n"
+        "{}\n[registry]\njwt_ttl = \"15m\"\nrefresh_ttl = \"7d\"\n",
+        registry_contract()
     ));
     assert!(
         config
@@ -425,7 +459,7 @@ fn registry_values_are_checked() {
         ("refresh_ttl = \"400d\"", "registry.refresh_ttl"),
         ("jwt_tll = \"1h\"", "registry.jwt_tll"),
     ] {
-        let err = parse_err(&format!("{CONTRACT}\n[registry]\n{section}\n"));
+        let err = parse_err(&format!("{}\n[registry]\n{section}\n", registry_contract()));
         assert_eq!(err.key.as_deref(), Some(key), "{section}: {err}");
     }
 }
@@ -437,7 +471,9 @@ fn http_input_needs_the_registry_and_the_api() {
     assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
     let without_api = format!(
         "{}\n[registry]\n",
-        with_http.replace("[api]\naddress = \"127.0.0.1:8080\"\n", "")
+        registry_contract()
+            .replace("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+            .replace("[api]\naddress = \"127.0.0.1:8080\"\n", "")
     );
     let err = parse_err(&without_api);
     assert_eq!(err.key.as_deref(), Some("sinks.cloud.inputs"), "{err}");
@@ -625,4 +661,92 @@ fn api_previous_admin_token() {
         let err = parse_err(&with(extra));
         assert_eq!(err.key.as_deref(), Some(key), "{extra}: {err}");
     }
+}
+
+#[test]
+fn network_defence_keys_have_defaults() {
+    let config = parse_ok(CONTRACT);
+    let SourceConfig::Tcp(tcp) = &config.sources["devices"];
+    assert_eq!(tcp.hello_timeout.0, std::time::Duration::from_secs(10));
+    assert_eq!(tcp.unauthenticated_max_frame, ByteSize(4 * 1024));
+    assert_eq!(
+        config.gateway.partial_frame_budget,
+        ByteSize(64 * 1024 * 1024)
+    );
+    let api = config.api.unwrap_or_else(|| panic!("[api] expected"));
+    assert_eq!(api.header_timeout.0, std::time::Duration::from_secs(10));
+    assert_eq!(api.idle_timeout.0, std::time::Duration::from_secs(120));
+    assert_eq!(api.max_connections, 256);
+    assert_eq!(api.fd_reserve, 128);
+}
+
+#[test]
+fn network_defence_values_are_checked() {
+    for (from, to, key) in [
+        (
+            "framing = \"lines\"",
+            "hello_timeout = \"0s\"",
+            "sources.devices.hello_timeout",
+        ),
+        (
+            "framing = \"lines\"",
+            "hello_timeout = \"10\"",
+            "sources.devices.hello_timeout",
+        ),
+        (
+            "framing = \"lines\"",
+            "unauthenticated_max_frame = \"100B\"",
+            "sources.devices.unauthenticated_max_frame",
+        ),
+        (
+            "data_dir = \"./data\"",
+            "partial_frame_budget = \"16KiB\"",
+            "gateway.partial_frame_budget",
+        ),
+        (
+            "address = \"127.0.0.1:8080\"",
+            "address = \"127.0.0.1:8080\"\nheader_timeout = \"0s\"",
+            "api.header_timeout",
+        ),
+        (
+            "address = \"127.0.0.1:8080\"",
+            "address = \"127.0.0.1:8080\"\nidle_timeout = \"0ms\"",
+            "api.idle_timeout",
+        ),
+        (
+            "address = \"127.0.0.1:8080\"",
+            "address = \"127.0.0.1:8080\"\nmax_connections = 0",
+            "api.max_connections",
+        ),
+        (
+            "address = \"127.0.0.1:8080\"",
+            "address = \"127.0.0.1:8080\"\nfd_reserve = 8",
+            "api.fd_reserve",
+        ),
+    ] {
+        // `[api]` lines replace the address line; the others go after their anchor.
+        let to = if from.starts_with("address") {
+            to.to_owned()
+        } else {
+            format!("{from}\n{to}")
+        };
+        let err = parse_err(&contract_with(from, &to));
+        assert_eq!(err.key.as_deref(), Some(key), "{to}: {err}");
+    }
+    // The budget must hold the largest frame of a source.
+    let err = parse_err(
+        &contract_with(
+            "data_dir = \"./data\"",
+            "data_dir = \"./data\"\npartial_frame_budget = \"1MiB\"",
+        )
+        .replace(
+            "framing = \"lines\"",
+            "framing = \"lines\"\nmax_frame = \"2MiB\"",
+        ),
+    );
+    assert_eq!(
+        err.key.as_deref(),
+        Some("gateway.partial_frame_budget"),
+        "{err}"
+    );
 }

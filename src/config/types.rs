@@ -44,6 +44,14 @@ pub struct GatewayConfig {
     /// How long a graceful shutdown may take before the gateway exits anyway.
     #[serde(default = "default_shutdown_grace")]
     pub shutdown_grace: HumanDuration,
+    /// Bytes all device connections together may hold in unfinished frames; a connection
+    /// whose partial frame would exceed it is closed.
+    #[serde(default = "default_partial_frame_budget")]
+    pub partial_frame_budget: ByteSize,
+}
+
+fn default_partial_frame_budget() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
 }
 
 fn default_data_dir() -> PathBuf {
@@ -104,6 +112,61 @@ pub struct ApiConfig {
     /// When `previous_admin_token` stops working (RFC 3339, e.g. `"2026-12-03T00:00:00Z"`).
     #[serde(default, deserialize_with = "rfc3339_instant")]
     pub previous_admin_token_until: Option<std::time::SystemTime>,
+    /// Time a client has to send a request's headers, counted from when the server starts
+    /// waiting for them (so it also ends an idle keep-alive connection).
+    #[serde(default = "default_api_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// A connection with no bytes read or written for this long is closed.
+    #[serde(default = "default_api_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Open HTTP connections at most; more are refused.
+    #[serde(default = "default_api_max_connections")]
+    pub max_connections: usize,
+    /// File descriptors kept free for device connections, buffers and the registry: the API
+    /// refuses connections once fewer than this many are left under `RLIMIT_NOFILE`.
+    #[serde(default = "default_api_fd_reserve")]
+    pub fd_reserve: usize,
+}
+
+fn default_api_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+/// Above the longest CPU profile (`/debug/pprof/profile?seconds=60`), which sends nothing
+/// until it is done.
+fn default_api_idle_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(120))
+}
+fn default_api_max_connections() -> usize {
+    256
+}
+fn default_api_fd_reserve() -> usize {
+    128
+}
+
+impl ApiConfig {
+    pub(super) fn check(&self, context: &Context<'_>) -> Result<(), ConfigError> {
+        let whole = |field: &str, message: &str| {
+            context
+                .error_at(0..0, &format!("api.{field}"), message.into())
+                .without_line()
+        };
+        if self.header_timeout.0.is_zero() {
+            return Err(whole("header_timeout", "must be above 0"));
+        }
+        if self.idle_timeout.0.is_zero() {
+            return Err(whole("idle_timeout", "must be above 0"));
+        }
+        if self.max_connections == 0 {
+            return Err(whole("max_connections", "must be at least 1"));
+        }
+        if self.fd_reserve < 16 {
+            return Err(whole(
+                "fd_reserve",
+                "must be at least 16: buffers, the registry and device listeners need them",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// An optional RFC 3339 timestamp.
@@ -284,6 +347,14 @@ pub struct TcpSourceConfig {
     /// A started frame must be complete within this.
     #[serde(default = "default_frame_timeout")]
     pub frame_timeout: HumanDuration,
+    /// A connection that has not named a device (hello, or a first data frame under
+    /// `auth = "none"`) by then is closed; heartbeats do not count.
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout: HumanDuration,
+    /// Largest frame before a successful hello when `auth` is `token` or `registry`
+    /// (never more than `max_frame`).
+    #[serde(default = "default_unauthenticated_max_frame")]
+    pub unauthenticated_max_frame: ByteSize,
     /// TLS on the listener.
     pub tls: Option<ListenerTlsConfig>,
 }
@@ -306,6 +377,12 @@ impl TcpSourceConfig {
         }
         if self.frame_timeout.0.is_zero() {
             return Err(whole("frame_timeout", "must be above 0"));
+        }
+        if self.hello_timeout.0.is_zero() {
+            return Err(whole("hello_timeout", "must be above 0"));
+        }
+        if self.unauthenticated_max_frame.0 < 256 {
+            return Err(whole("unauthenticated_max_frame", "must be at least 256B"));
         }
         if self.max_connections == 0 {
             return Err(whole("max_connections", "must be at least 1"));
@@ -337,6 +414,12 @@ fn default_heartbeat_misses() -> u32 {
 }
 fn default_frame_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
+}
+fn default_hello_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+fn default_unauthenticated_max_frame() -> ByteSize {
+    ByteSize(4 * 1024)
 }
 
 /// TCP framing.

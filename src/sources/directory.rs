@@ -1,12 +1,16 @@
 //! Which devices are connected right now, and how to reach their connections.
 //!
-//! A connection registers each device it speaks for; the newest connection of a device
-//! wins. Sinks and the API look devices up here to deliver commands; revocation closes
-//! a device's connection. Queued commands live here, not in the connection: an idle
-//! connection holds only a small [`ConnectionSignal`], no channel.
+//! A connection registers each device it speaks for. A device may have several sessions
+//! at once (a reconnect racing the old connection's timeout, two listeners): every one is
+//! kept, commands go to the newest, and revocation closes them all. Sinks and the API look
+//! devices up here to deliver commands. Queued commands live here, not in the connection:
+//! an idle connection holds only a small [`ConnectionSignal`], no channel.
+//!
+//! Invariant: a session leaves only through its own `unregister`, so an older session
+//! closing never takes a newer one's place.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use fieldgate_core::DeviceId;
@@ -76,7 +80,8 @@ struct Entry {
 
 #[derive(Default)]
 struct State {
-    devices: HashMap<DeviceId, Entry>,
+    /// Every open session per device, oldest first; never an empty list.
+    devices: HashMap<DeviceId, Vec<Entry>>,
     /// Commands not yet taken, per connection; absent when none.
     queued: HashMap<u64, VecDeque<DeviceCommand>>,
 }
@@ -85,6 +90,8 @@ struct State {
 #[derive(Default)]
 pub struct DeviceDirectory {
     state: Mutex<State>,
+    /// The last connection id handed out.
+    last_connection: AtomicU64,
 }
 
 impl DeviceDirectory {
@@ -94,25 +101,40 @@ impl DeviceDirectory {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Connection `connection` (woken through `signal`) now speaks for `device`.
-    pub fn register(&self, device: DeviceId, connection: u64, signal: &Arc<ConnectionSignal>) {
-        let entry = Entry {
-            connection,
-            signal: Arc::clone(signal),
-        };
-        self.lock().devices.insert(device, entry);
+    /// A connection id no other connection of any source has: sessions and their queued
+    /// commands are keyed by it.
+    pub fn next_connection_id(&self) -> u64 {
+        self.last_connection.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// `connection` closed; forget `device` unless a newer connection took it over.
+    /// Connection `connection` (woken through `signal`) now speaks for `device`, as its
+    /// newest session; the device's older sessions stay registered.
+    pub fn register(&self, device: DeviceId, connection: u64, signal: &Arc<ConnectionSignal>) {
+        let mut state = self.lock();
+        let sessions = state.devices.entry(device).or_default();
+        // Registering again (a repeated hello) makes the session the newest, once.
+        sessions.retain(|entry| entry.connection != connection);
+        sessions.push(Entry {
+            connection,
+            signal: Arc::clone(signal),
+        });
+    }
+
+    /// `connection` closed: forget its session of `device`, and only that one.
     pub fn unregister(&self, device: &DeviceId, connection: u64) {
         let mut state = self.lock();
-        if state
-            .devices
-            .get(device)
-            .is_some_and(|entry| entry.connection == connection)
-        {
-            state.devices.remove(device);
+        if let Some(sessions) = state.devices.get_mut(device) {
+            sessions.retain(|entry| entry.connection != connection);
+            if sessions.is_empty() {
+                state.devices.remove(device);
+            }
         }
+    }
+
+    /// Open sessions of `device`.
+    #[cfg(test)]
+    pub fn sessions(&self, device: &DeviceId) -> usize {
+        self.lock().devices.get(device).map_or(0, Vec::len)
     }
 
     /// `connection` is gone: drop what was queued for it.
@@ -120,10 +142,14 @@ impl DeviceDirectory {
         self.lock().queued.remove(&connection);
     }
 
-    /// Queues `command` for the connection of its device and wakes it.
+    /// Queues `command` for the newest session of its device and wakes it.
     pub fn send(&self, command: DeviceCommand) -> Result<(), CommandError> {
         let mut state = self.lock();
-        let (connection, signal) = match state.devices.get(&command.device) {
+        let (connection, signal) = match state
+            .devices
+            .get(&command.device)
+            .and_then(|sessions| sessions.last())
+        {
             Some(entry) => (entry.connection, Arc::clone(&entry.signal)),
             None => return Err(CommandError::Offline),
         };
@@ -148,15 +174,17 @@ impl DeviceDirectory {
         command
     }
 
-    /// Tells the connection speaking for `device` to close; false if it is not connected.
-    pub fn close(&self, device: &DeviceId) -> bool {
-        match self.lock().devices.get(device) {
-            Some(entry) => {
-                entry.signal.request_close();
-                true
-            }
-            None => false,
+    /// Tells every session of `device` to close; returns how many were told (0 when the
+    /// device is not connected).
+    pub fn close(&self, device: &DeviceId) -> usize {
+        let state = self.lock();
+        let Some(sessions) = state.devices.get(device) else {
+            return 0;
+        };
+        for entry in sessions {
+            entry.signal.request_close();
         }
+        sessions.len()
     }
 }
 
@@ -175,8 +203,9 @@ pub async fn close_revoked(
         };
         match id {
             Ok(id) => {
-                if directory.close(&DeviceId::new(&id)) {
-                    tracing::info!(device = %id, "credentials revoked: connection closed");
+                let sessions = directory.close(&DeviceId::new(&id));
+                if sessions > 0 {
+                    tracing::info!(device = %id, sessions, "credentials revoked: every session closed");
                 }
             }
             // Missed ids after a burst: their next authentication fails anyway.
@@ -219,11 +248,62 @@ mod tests {
         assert_eq!(directory.send(command("d1")), Err(CommandError::Busy));
         directory.forget_connection(2);
         assert!(directory.take_command(2).is_none());
-        assert!(directory.close(&device));
+        assert_eq!(directory.close(&device), 1);
         new.close_requested().await;
         assert!(!old.closing.load(Ordering::Acquire));
         directory.unregister(&device, 2);
-        assert!(!directory.close(&device));
+        assert_eq!(directory.close(&device), 0);
+        assert_eq!(directory.send(command("d1")), Err(CommandError::Offline));
+    }
+
+    #[tokio::test]
+    async fn close_reaches_every_session_and_the_newest_gets_commands() {
+        let directory = DeviceDirectory::default();
+        let device = DeviceId::new("d1");
+        let other = DeviceId::new("d2");
+        let first = Arc::new(ConnectionSignal::default());
+        let second = Arc::new(ConnectionSignal::default());
+        let bystander = Arc::new(ConnectionSignal::default());
+        directory.register(device.clone(), 1, &first);
+        directory.register(device.clone(), 2, &second);
+        directory.register(other.clone(), 3, &bystander);
+        assert_eq!(directory.sessions(&device), 2);
+        directory.send(command("d1")).unwrap();
+        assert!(directory.take_command(2).is_some());
+        assert!(directory.take_command(1).is_none());
+
+        assert_eq!(directory.close(&device), 2);
+        first.close_requested().await;
+        second.close_requested().await;
+        assert!(!bystander.closing.load(Ordering::Acquire));
+    }
+
+    #[test]
+    fn connection_ids_are_unique() {
+        let directory = DeviceDirectory::default();
+        let first = directory.next_connection_id();
+        assert_ne!(first, directory.next_connection_id());
+    }
+
+    #[test]
+    fn an_older_session_closing_keeps_the_newer_one() {
+        let directory = DeviceDirectory::default();
+        let device = DeviceId::new("d1");
+        let old = Arc::new(ConnectionSignal::default());
+        let new = Arc::new(ConnectionSignal::default());
+        directory.register(device.clone(), 1, &old);
+        directory.register(device.clone(), 2, &new);
+        // A repeated hello on the old session makes it the newest; once, not twice.
+        directory.register(device.clone(), 1, &old);
+        assert_eq!(directory.sessions(&device), 2);
+        directory.send(command("d1")).unwrap();
+        assert!(directory.take_command(1).is_some());
+        directory.unregister(&device, 1);
+        assert_eq!(directory.sessions(&device), 1);
+        directory.send(command("d1")).unwrap();
+        assert!(directory.take_command(2).is_some());
+        directory.unregister(&device, 2);
+        assert_eq!(directory.sessions(&device), 0);
         assert_eq!(directory.send(command("d1")), Err(CommandError::Offline));
     }
 }

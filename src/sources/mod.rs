@@ -4,6 +4,7 @@
 //! [`Event`]: fieldgate_core::Event
 
 pub mod directory;
+pub mod limits;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use fieldgate_registry::{AuthThrottle, Registry};
 
 use self::directory::DeviceDirectory;
+use self::limits::{FdReserve, PartialFrameBudget};
 use crate::commands::CommandDispatcher;
 
 /// What every source shares about devices beyond its own connections.
@@ -26,6 +28,10 @@ pub struct DeviceServices {
     pub throttle: AuthThrottle,
     /// The throttle's clock origin.
     pub started: tokio::time::Instant,
+    /// Bytes all connections together may hold in unfinished frames.
+    pub frame_budget: PartialFrameBudget,
+    /// File descriptors kept free; shared with the API listener.
+    pub fds: Arc<FdReserve>,
 }
 
 impl DeviceServices {

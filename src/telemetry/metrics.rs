@@ -46,6 +46,16 @@ pub struct ParseLabels {
     pub reason: String,
 }
 
+/// `{source, reason}` for connections a defence refused or cut off.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// Source name from the config, or `api` for the HTTP listener.
+    pub source: String,
+    /// A closed set: `hello_timeout`, `unauthenticated_frame_too_large`,
+    /// `partial_frame_budget`, `fd_reserve`, `max_connections`.
+    pub reason: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -78,6 +88,8 @@ pub struct Metrics {
     pub watchdog_rss_growth: Gauge,
     /// Tokio tasks alive at the watchdog's last sample.
     pub tasks: Gauge,
+    /// Connections refused or closed by a defence, by source and reason.
+    pub refused_connections: Family<RefusalLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -106,6 +118,7 @@ impl Metrics {
             event_latency: Family::new_with_constructor(latency_histogram),
             watchdog_rss_growth: Gauge::default(),
             tasks: Gauge::default(),
+            refused_connections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -179,6 +192,11 @@ impl Metrics {
             "Tokio tasks alive",
             metrics.tasks.clone(),
         );
+        registry.register(
+            "fieldgate_refused_connections",
+            "Connections refused or closed by a defence (hello deadline, frame budget, FD reserve, connection cap)",
+            metrics.refused_connections.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
@@ -208,6 +226,16 @@ impl Metrics {
         SinkLabel {
             sink: name.to_owned(),
         }
+    }
+
+    /// Counts one connection of `source` refused or closed by a defence, for `reason`.
+    pub fn refused(&self, source: &str, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&RefusalLabels {
+                source: source.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     /// Counts `count` events for `sink` that will never be delivered.

@@ -65,6 +65,18 @@ impl FrameDecoder {
         }
     }
 
+    /// Changes the frame limit for the frames still to come, e.g. from a small limit before
+    /// a device has authenticated to `max_frame` after. A line already being skipped stays
+    /// skipped.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
+    /// The current frame limit.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
     /// Takes the next complete frame out of `buf`, consuming its bytes including the `\n` or the
     /// length prefix.
     ///
@@ -250,5 +262,24 @@ mod tests {
         let frames = decode_all(&mut decoder, &mut buf);
         assert_eq!(frames, vec![Ok(Bytes::from_static(b"x"))]);
         assert_eq!(&buf[..], b"\0\0");
+    }
+
+    #[test]
+    fn raising_the_limit_accepts_larger_frames() {
+        let mut decoder = FrameDecoder::new(Framing::Lines, 4);
+        let mut buf = BytesMut::from(&b"abcdef"[..]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(FrameError::TooLarge { limit: 4 })
+        );
+        buf.extend_from_slice(b"\n");
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        decoder.set_max_frame(8);
+        assert_eq!(decoder.max_frame(), 8);
+        buf.extend_from_slice(b"abcdefgh\n");
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Some(Bytes::from_static(b"abcdefgh")))
+        );
     }
 }

@@ -73,6 +73,10 @@ pub enum MessageError {
     /// A hello without `device`.
     #[error("hello without \"device\"")]
     MissingDevice,
+    /// `"kind":"status"`: status (online/offline) is the gateway's word about a device, so a
+    /// device may not publish it (it would overwrite its own retained status).
+    #[error("\"kind\":\"status\" is reserved: the gateway reports a device's status itself")]
+    ReservedKind,
 }
 
 impl MessageError {
@@ -84,6 +88,7 @@ impl MessageError {
             MessageError::InvalidField { .. } => "invalid_field",
             MessageError::UnknownType(_) => "unknown_type",
             MessageError::MissingDevice => "missing_device",
+            MessageError::ReservedKind => "reserved_kind",
         }
     }
 
@@ -145,16 +150,12 @@ fn data(fields: Fields<'_>) -> Result<DeviceMessage<'_>, MessageError> {
     let kind = match string("kind", fields.kind)? {
         None => EventKind::Telemetry,
         Some(name) => match EventKind::parse(&name) {
-            Some(
-                kind @ (EventKind::Telemetry
-                | EventKind::Alarm
-                | EventKind::Status
-                | EventKind::Event),
-            ) => kind,
+            Some(kind @ (EventKind::Telemetry | EventKind::Alarm | EventKind::Event)) => kind,
+            Some(EventKind::Status) => return Err(MessageError::ReservedKind),
             Some(EventKind::CommandResult) | None => {
                 return Err(MessageError::InvalidField {
                     field: "kind",
-                    reason: "must be \"telemetry\", \"alarm\", \"status\" or \"event\"",
+                    reason: "must be \"telemetry\", \"alarm\" or \"event\"",
                 });
             }
         },

@@ -98,12 +98,19 @@ fn every_data_kind() {
     for (name, kind) in [
         ("telemetry", EventKind::Telemetry),
         ("alarm", EventKind::Alarm),
-        ("status", EventKind::Status),
         ("event", EventKind::Event),
     ] {
         let frame = format!(r#"{{"kind":"{name}"}}"#);
         assert!(matches!(parse(&frame).unwrap(), DeviceMessage::Data { kind: k, .. } if k == kind));
     }
+}
+
+#[test]
+fn status_kind_is_the_gateways_word() {
+    let err = parse(r#"{"device":"dev-1","kind":"status","status":"online"}"#).unwrap_err();
+    assert_eq!(err, MessageError::ReservedKind);
+    assert_eq!(err.code(), "reserved_kind");
+    assert!(err.to_string().contains("reserved"), "{err}");
 }
 
 #[test]

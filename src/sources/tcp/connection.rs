@@ -2,8 +2,14 @@
 //! deliver commands, and enforce the limits (frame size, rate, silence, errors).
 //!
 //! Invariants: the connection reads only while the pipeline accepts (a full buffer with
-//! `when_full = "block"` stops it); it holds no read buffer while idle; a bad frame costs
-//! an error frame and a counter, never a panic, and never affects another connection.
+//! `when_full = "block"` stops it); it holds no read buffer while idle, and the bytes of
+//! its unfinished frame are counted in the gateway-wide [`PartialFrameBudget`] (returned
+//! when it closes); before a hello authenticates it (`token`, `registry`) its frames are
+//! capped at `unauthenticated_max_frame`; a connection that names no device within
+//! `hello_timeout` is closed; a bad frame costs an error frame and a counter, never a
+//! panic, and never affects another connection.
+//!
+//! [`PartialFrameBudget`]: crate::sources::limits::PartialFrameBudget
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -33,6 +39,9 @@ const MAX_DEVICES_PER_CONNECTION: usize = 256;
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A device that does not read its replies for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A partial frame's buffer above this size is copied into a fitting one when it holds
+/// less than a quarter of its capacity, so a burst does not leave large buffers behind.
+const SHRINK_ABOVE: usize = 16 * 1024;
 
 /// Why a connection ended, for the offline status and the log.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +55,9 @@ enum CloseReason {
     WriteFailed,
     Shutdown,
     Revoked,
+    HelloTimeout,
+    UnauthenticatedFrame,
+    FrameBudget,
 }
 
 impl CloseReason {
@@ -60,6 +72,9 @@ impl CloseReason {
             CloseReason::WriteFailed => "write_failed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Revoked => "revoked",
+            CloseReason::HelloTimeout => "hello_timeout",
+            CloseReason::UnauthenticatedFrame => "unauthenticated_frame_too_large",
+            CloseReason::FrameBudget => "partial_frame_budget",
         }
     }
 }
@@ -88,6 +103,18 @@ struct Connection {
     out: BytesMut,
     /// The source's shutdown.
     shutdown: CancellationToken,
+    /// Bytes this connection holds of the gateway-wide partial frame budget; given back
+    /// on drop, whatever way the connection ends.
+    budget_held: usize,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.shared
+            .services
+            .frame_budget
+            .release(&mut self.budget_held);
+    }
 }
 
 /// Serves one connection until it closes or `shutdown` fires.
@@ -102,7 +129,12 @@ pub async fn serve(
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     shared.connections.inc();
-    let decoder = FrameDecoder::new(shared.settings.framing, shared.settings.max_frame);
+    let first_limit = if shared.settings.auth == AuthMode::None {
+        shared.settings.max_frame
+    } else {
+        shared.settings.unauthenticated_max_frame
+    };
+    let decoder = FrameDecoder::new(shared.settings.framing, first_limit);
     let mut connection = Connection {
         shared: Arc::clone(&shared),
         stream,
@@ -121,6 +153,7 @@ pub async fn serve(
         rate_window_frames: 0,
         out: BytesMut::new(),
         shutdown,
+        budget_held: 0,
     };
     let reason = connection.run().await;
     // Boxed, like the other rarely-running paths below: an idle connection's task then
@@ -137,13 +170,18 @@ impl Connection {
         }
         let settings_idle = self.shared.settings.idle_timeout;
         let mut last_activity = Instant::now();
+        // Absolute: heartbeats (or any frame) before a hello do not move it.
+        let hello_deadline = last_activity + self.shared.settings.hello_timeout;
         let mut frame_started: Option<Instant> = None;
         loop {
-            let deadline = match frame_started {
+            let mut deadline = match frame_started {
                 Some(started) => (started + self.shared.settings.frame_timeout)
                     .min(last_activity + settings_idle),
                 None => last_activity + settings_idle,
             };
+            if self.devices.is_empty() {
+                deadline = deadline.min(hello_deadline);
+            }
             let can_read = self.pending_acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
                 biased;
@@ -187,14 +225,36 @@ impl Connection {
                             if self.buf.is_empty() {
                                 // Release the read buffer while idle.
                                 self.buf = BytesMut::new();
+                            } else if self.buf.capacity() > SHRINK_ABOVE
+                                && self.buf.capacity() / 4 > self.buf.len()
+                            {
+                                // Same bytes, so the decoder's scan position stays valid.
+                                let mut fitting = BytesMut::with_capacity(self.buf.len());
+                                fitting.extend_from_slice(&self.buf);
+                                self.buf = fitting;
+                            }
+                            if !self.resize_budget(self.buf.capacity()) {
+                                return Box::pin(self.refuse(
+                                    CloseReason::FrameBudget,
+                                    "the gateway holds too many unfinished frames; finish frames promptly",
+                                ))
+                                .await;
                             }
                         }
                     }
                 }
                 () = sleep_until(deadline) => {
-                    if frame_started.is_some_and(|started| Instant::now() >= started + self.shared.settings.frame_timeout) {
+                    let now = Instant::now();
+                    if frame_started.is_some_and(|started| now >= started + self.shared.settings.frame_timeout) {
                         Box::pin(self.protocol_error("frame_timeout", "frame not completed in time")).await;
                         return CloseReason::FrameTimeout;
+                    }
+                    if self.devices.is_empty() && now >= hello_deadline {
+                        return Box::pin(self.refuse(
+                            CloseReason::HelloTimeout,
+                            "no hello (or device) within hello_timeout; heartbeats do not count",
+                        ))
+                        .await;
                     }
                     return CloseReason::Idle;
                 }
@@ -209,6 +269,15 @@ impl Connection {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return None,
                 Err(err) => {
+                    if self.awaiting_hello() {
+                        return Some(
+                            self.refuse(
+                                CloseReason::UnauthenticatedFrame,
+                                "frame over unauthenticated_max_frame before a hello",
+                            )
+                            .await,
+                        );
+                    }
                     let fatal = err.is_fatal();
                     if let Some(reason) = self.protocol_error(err.reason(), &err.to_string()).await
                     {
@@ -373,6 +442,7 @@ impl Connection {
             return Some(CloseReason::Unauthorized);
         }
         let device = DeviceId::new(device);
+        self.decoder.set_max_frame(self.shared.settings.max_frame);
         if self.hello_device.as_ref() != Some(&device) {
             self.hello_device = Some(device.clone());
             if !self.devices.contains(&device) {
@@ -407,6 +477,7 @@ impl Connection {
             return Some(CloseReason::Unauthorized);
         }
         let device = DeviceId::new(&name);
+        self.decoder.set_max_frame(self.shared.settings.max_frame);
         self.certified = Some(device.clone());
         self.hello_device = Some(device.clone());
         self.register(device).await;
@@ -454,6 +525,44 @@ impl Connection {
             services.throttle.failure(peer, Some(device), now);
             Err("invalid credentials")
         }
+    }
+
+    /// Resizes this connection's share of the partial frame budget to `wanted` bytes;
+    /// false when the budget is exhausted.
+    fn resize_budget(&mut self, wanted: usize) -> bool {
+        wanted == self.budget_held
+            || self
+                .shared
+                .services
+                .frame_budget
+                .resize(&mut self.budget_held, wanted)
+    }
+
+    /// Whether the source wants a hello and none has authenticated this connection yet.
+    fn awaiting_hello(&self) -> bool {
+        self.shared.settings.auth != AuthMode::None && self.hello_device.is_none()
+    }
+
+    /// Ends the connection for a defence: counted by reason, logged, answered with an
+    /// error frame whose code is the reason.
+    async fn refuse(&mut self, reason: CloseReason, message: &str) -> CloseReason {
+        self.shared
+            .metrics
+            .refused(&self.shared.settings.name, reason.as_str());
+        tracing::warn!(
+            reason = reason.as_str(),
+            held = self.buf.len(),
+            "connection closed by a defence"
+        );
+        self.buf = BytesMut::new();
+        self.resize_budget(0);
+        let _sent = self
+            .reply(&Reply::Error {
+                code: reason.as_str(),
+                message,
+            })
+            .await;
+        reason
     }
 
     /// Makes the device reachable for commands and announces it online.

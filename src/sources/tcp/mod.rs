@@ -8,7 +8,6 @@ mod stream;
 pub mod tls;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fieldgate_codec::Framing;
@@ -23,6 +22,7 @@ use tracing::Instrument;
 
 use self::stream::DeviceStream;
 use super::DeviceServices;
+use super::limits::FdUser;
 use crate::config::{AuthMode, FramingConfig, TcpSourceConfig};
 use crate::pipeline::SourceOutput;
 use crate::telemetry::Metrics;
@@ -49,6 +49,10 @@ pub struct SourceSettings {
     pub idle_timeout: Duration,
     /// Time allowed to finish a started frame (and a TLS handshake).
     pub frame_timeout: Duration,
+    /// Time a new connection has to name a device; heartbeats do not extend it.
+    pub hello_timeout: Duration,
+    /// Largest frame before a hello has authenticated the connection (`token`, `registry`).
+    pub unauthenticated_max_frame: usize,
 }
 
 /// Shared by the listener and its connections.
@@ -65,7 +69,6 @@ pub struct SourceShared {
     pub connections: Gauge,
     /// `fieldgate_received_events_total{source}`.
     pub received: Counter,
-    next_connection: AtomicU64,
 }
 
 /// Pending connections the kernel may queue: a reconnect storm of thousands of devices
@@ -127,6 +130,11 @@ impl TcpSource {
             max_errors: config.max_errors.max(1),
             idle_timeout: config.heartbeat_interval.0 * config.heartbeat_misses.max(1),
             frame_timeout: config.frame_timeout.0,
+            hello_timeout: config.hello_timeout.0,
+            unauthenticated_max_frame: usize::try_from(
+                config.unauthenticated_max_frame.0.min(config.max_frame.0),
+            )
+            .unwrap_or(usize::MAX),
         };
         let shared = SourceShared {
             settings,
@@ -135,7 +143,6 @@ impl TcpSource {
             connections: metrics.connections.get_or_create(&label).clone(),
             received: metrics.received_events.get_or_create(&label).clone(),
             metrics: Arc::clone(&metrics),
-            next_connection: AtomicU64::new(1),
         };
         Ok(Self {
             shared: Arc::new(shared),
@@ -171,6 +178,13 @@ impl TcpSource {
                     }
                 },
             };
+            // Near RLIMIT_NOFILE the last descriptors are for buffers and the registry.
+            if !self.shared.services.fds.admit(FdUser::Device) {
+                self.shared.metrics.refused(&name, "fd_reserve");
+                tracing::warn!(source = %name, %peer, reason = "fd_reserve", "connection refused: file descriptors are running out");
+                drop(socket);
+                continue;
+            }
             // Small frames and acks must not wait for Nagle.
             if let Err(err) = socket.set_nodelay(true) {
                 tracing::debug!(source = %name, %peer, error = %err, "cannot set TCP_NODELAY");
@@ -178,7 +192,8 @@ impl TcpSource {
             let shared = Arc::clone(&self.shared);
             // A clone, not a child token: children cost an allocation per connection.
             let shutdown = shutdown.clone();
-            let id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+            // Unique across sources: the directory tells sessions apart by it.
+            let id = shared.services.directory.next_connection_id();
             let span = tracing::info_span!("device", source = %name, %peer, conn = id, device = tracing::field::Empty);
             // Plain and TLS connections are spawned as different futures, so an idle plain
             // connection does not carry the (large) TLS handshake state in its task.
