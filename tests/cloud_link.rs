@@ -15,10 +15,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -192,6 +193,19 @@ async fn send(
         .await
         .unwrap_or_else(|e| panic!("{device}: send: {e}"));
     connection
+}
+
+/// Sends `seqs` more on an open device connection.
+async fn send_more(connection: &mut Device, device: &str, seqs: impl IntoIterator<Item = u64>) {
+    let mut block = String::new();
+    for seq in seqs {
+        block.push_str(&data_message(device, seq, 16).to_string());
+        block.push('\n');
+    }
+    connection
+        .send_raw(block.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{device}: send: {e}"));
 }
 
 /// The (device, seq) pairs a payload carries (envelope, raw or batch).
@@ -801,8 +815,8 @@ async fn refused_connects_back_off_with_growing_jittered_delays() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backoff_resets_only_after_a_healthy_connection() {
-    // Every connection dies at its first PUBLISH: a CONNACK alone is not health.
-    let broker = FakeBroker::start(Script::new().on(Match::any(), Reply::Disconnect)).await;
+    // Every connection is dropped right after its CONNACK: a CONNACK alone is not health.
+    let broker = FakeBroker::start(Script::new().drop_after_connack(u64::MAX)).await;
     let config = link_config(broker.port, "3.1.1")
         .sink("reconnect_min = \"200ms\"")
         .sink("reconnect_max = \"3s\"");
@@ -1140,39 +1154,35 @@ async fn cloud_commands_are_acknowledged_only_after_they_are_stored() {
         .await
         .unwrap_or_else(|| panic!("no subscription to {filter}\n{}", story(&broker)));
 
-    // Kill the gateway the moment the PUBACK of the last command of a burst arrives.
-    let pid = gateway.pid();
+    // Kill the gateway the moment the PUBACK of the last command of a burst arrives
+    // (one socket write, so the gateway reads the burst at once).
+    let killer = Killer::arm(gateway.pid());
     let fired = Arc::new(AtomicBool::new(false));
     let hook_fired = Arc::clone(&fired);
+    let hook_killer = Arc::clone(&killer);
     broker.script(|s| {
         *s = std::mem::take(s).on_packet(move |p| {
             if p.kind == Kind::PubAck
                 && p.packet_id == COMMANDS
                 && !hook_fired.swap(true, Ordering::SeqCst)
             {
-                let killed = Command::new("sh")
-                    .arg("-c")
-                    .arg(format!("kill -9 {pid}"))
-                    .status();
-                if !killed.as_ref().is_ok_and(|s| s.success()) {
-                    eprintln!("kill -9 {pid} failed: {killed:?}");
-                }
+                hook_killer.fire();
             }
         });
     });
-    for n in 1..=COMMANDS {
-        let body =
-            json!({"id": format!("c-{n}"), "name": "reboot", "params": {"n": n}}).to_string();
-        let id = broker
-            .publish_to(
-                CLIENT_ID,
-                "gateways/gw-1/devices/cmd-dev/commands",
-                body.as_bytes(),
-                1,
-            )
-            .expect("gateway connected");
-        assert_eq!(id, n, "fresh session: packet ids count from 1");
-    }
+    let bodies: Vec<String> = (1..=COMMANDS)
+        .map(|n| json!({"id": format!("c-{n}"), "name": "reboot", "params": {"n": n}}).to_string())
+        .collect();
+    let topic = "gateways/gw-1/devices/cmd-dev/commands";
+    let burst: Vec<(&str, &[u8], u8)> = bodies.iter().map(|b| (topic, b.as_bytes(), 1)).collect();
+    let ids = broker
+        .publish_burst_to(CLIENT_ID, &burst)
+        .expect("gateway connected");
+    assert_eq!(
+        ids,
+        (1..=COMMANDS).collect::<Vec<_>>(),
+        "fresh session: packet ids count from 1"
+    );
     let died = eventually(LIMIT, || gateway.exited()).await;
     assert!(
         died.is_some(),
@@ -1206,6 +1216,53 @@ async fn cloud_commands_are_acknowledged_only_after_they_are_stored() {
         "{} commands PUBACKed to the broker but not stored: {lost:?}",
         lost.len()
     );
+}
+
+/// A `sh` that waits for a line on its stdin, then runs `kill -9 PID`: armed before, it
+/// kills within microseconds of [`Killer::fire`], fast enough to land between an ack on
+/// the wire and whatever the gateway does next.
+struct Killer {
+    child: Mutex<std::process::Child>,
+    stdin: Mutex<Option<std::process::ChildStdin>>,
+}
+
+impl Killer {
+    fn arm(pid: u32) -> Arc<Self> {
+        // `&&`: an EOF (the test ending without firing) must not kill anything.
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("read line && kill -9 {pid}"))
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh");
+        let stdin = child.stdin.take();
+        Arc::new(Killer {
+            child: Mutex::new(child),
+            stdin: Mutex::new(stdin),
+        })
+    }
+
+    fn fire(&self) {
+        let stdin = self.stdin.lock().expect("lock").take();
+        if let Some(mut stdin) = stdin {
+            if let Err(err) = stdin.write_all(b"go\n").and_then(|()| stdin.flush()) {
+                eprintln!("killer: {err}");
+            }
+        }
+    }
+}
+
+impl Drop for Killer {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(PoisonError::into_inner);
+        // Already exited after firing, or killed now: either way reaped.
+        if let Err(err) = child.kill() {
+            eprintln!("killer: {err}");
+        }
+        if let Err(err) = child.wait() {
+            eprintln!("killer: {err}");
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1370,7 +1427,7 @@ async fn deadletter_list_replay_and_purge_via_api_and_cli() {
     let broker = FakeBroker::start(script).await;
     let config = link_config(broker.port, "5").sink("qos = 1");
     let gateway = start_connected(&config).await;
-    let _device = send(&config, "dl", 1..=5, 16).await;
+    let mut device = send(&config, "dl", 1..=5, 16).await;
     wait_delivered(&broker, &keys("dl", [1, 3, 5]), LIMIT).await;
 
     // List: API and CLI.
@@ -1403,7 +1460,7 @@ async fn deadletter_list_replay_and_purge_via_api_and_cli() {
 
     // Another reject; purge (CLI) drops it; replay (CLI) then has nothing to do.
     broker.set_script(Script::new().on(seq_is(6), Reply::Code(0x87)));
-    let _more = send(&config, "dl", [6], 16).await;
+    send_more(&mut device, "dl", [6]).await;
     wait_deadletters(&gateway, 1).await;
     let purged = deadletter_cli(&gateway, &["purge", "cloud"]).await;
     assert!(purged.status.success(), "{}", text(&purged));
@@ -1436,7 +1493,7 @@ async fn event_id_is_stable_across_redeliveries_and_a_v5_user_property() {
         FakeBroker::start(Script::new().on_times(seq_is(3), Reply::Withhold, Some(1))).await;
     let config = link_config(broker.port, "5").sink("qos = 1");
     let mut gateway = start_connected(&config).await;
-    let _device = send(&config, "eid", 1..=5, 16).await;
+    let mut device = send(&config, "eid", 1..=5, 16).await;
     wait_delivered(&broker, &keys("eid", [1, 2, 4, 5]), LIMIT).await;
     // The withheld one is resent on the next connection.
     broker.disconnect_all();
@@ -1444,7 +1501,7 @@ async fn event_id_is_stable_across_redeliveries_and_a_v5_user_property() {
 
     // Seq 7 is withheld until the gateway is killed; it is resent after the restart.
     broker.set_script(Script::new().on(seq_is(7), Reply::Withhold));
-    let _more = send(&config, "eid", 6..=8, 16).await;
+    send_more(&mut device, "eid", 6..=8).await;
     wait_delivered(&broker, &keys("eid", [6, 8]), LIMIT).await;
     broker
         .wait_for(LIMIT, |b| {

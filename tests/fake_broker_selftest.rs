@@ -548,6 +548,20 @@ async fn refuses_connects_then_accepts_and_restarts_on_the_same_port() {
         .await;
     assert!(back.is_some(), "{:?}", broker.connects());
 
+    // Accepting, then dropping at once.
+    broker.script(|s| *s = Script::new().drop_after_connack(2));
+    broker.disconnect_all();
+    let flapped = broker
+        .wait_for(LIMIT, |b| (b.accepted_connects() >= 5).then_some(()))
+        .await;
+    assert!(flapped.is_some(), "{:?}", broker.connects());
+    let drops = broker
+        .closed()
+        .iter()
+        .filter(|c| c.why.contains("after CONNACK"))
+        .count();
+    assert_eq!(drops, 2, "{:?}", broker.closed());
+
     // Refusing by closing the socket.
     broker.script(|s| *s = Script::new().refuse_connects(u64::MAX, Refuse::Close));
     broker.disconnect_all();
@@ -559,7 +573,7 @@ async fn refuses_connects_then_accepts_and_restarts_on_the_same_port() {
     assert!(refused.is_some(), "{:?}", broker.connects());
     broker.behave();
     let back = broker
-        .wait_for(LIMIT, |b| (b.accepted_connects() == 3).then_some(()))
+        .wait_for(LIMIT, |b| (b.accepted_connects() == 6).then_some(()))
         .await;
     assert!(back.is_some(), "{:?}", broker.connects());
 }

@@ -240,6 +240,7 @@ pub struct Script {
     rel_rules: Vec<RelRule>,
     refuse_connects: u64,
     refuse_how: Refuse,
+    drop_after_connack: u64,
     max_packet_size: Option<u32>,
     receive_maximum: Option<u16>,
     answer_pings: bool,
@@ -253,6 +254,7 @@ impl Default for Script {
             rel_rules: Vec::new(),
             refuse_connects: 0,
             refuse_how: Refuse::Close,
+            drop_after_connack: 0,
             max_packet_size: None,
             receive_maximum: None,
             answer_pings: true,
@@ -294,6 +296,13 @@ impl Script {
             seen: 0,
             fired: 0,
         });
+        self
+    }
+
+    /// Accepts the next `n` connects (`u64::MAX`: until told otherwise) and closes each
+    /// right after its CONNACK: a link that flaps before anything can flow.
+    pub fn drop_after_connack(mut self, n: u64) -> Self {
+        self.drop_after_connack = n;
         self
     }
 
@@ -571,12 +580,8 @@ struct Session {
 
 #[derive(Debug)]
 enum Control {
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        packet_id: u16,
-    },
+    /// PUBLISH packets (topic, payload, qos, packet id), written in one write.
+    Publish(Vec<(String, Bytes, u8, u16)>),
     Close(String),
 }
 
@@ -708,6 +713,7 @@ impl FakeBroker {
             s.rules.clear();
             s.rel_rules.clear();
             s.refuse_connects = 0;
+            s.drop_after_connack = 0;
             s.answer_pings = true;
         });
     }
@@ -835,36 +841,53 @@ impl FakeBroker {
     /// Sends a PUBLISH to `client_id`'s live connection; returns its packet id (0 for
     /// QoS 0), or None when the client is not connected.
     pub fn publish_to(&self, client_id: &str, topic: &str, payload: &[u8], qos: u8) -> Option<u16> {
+        self.publish_burst_to(client_id, &[(topic, payload, qos)])
+            .and_then(|ids| ids.first().copied())
+    }
+
+    /// Sends several PUBLISH packets (topic, payload, qos) to `client_id` in one socket
+    /// write, so the client reads them together; returns their packet ids.
+    pub fn publish_burst_to(
+        &self,
+        client_id: &str,
+        messages: &[(&str, &[u8], u8)],
+    ) -> Option<Vec<u16>> {
         let mut state = lock(&self.shared);
         let (&conn, live) = state.live.iter().find(|(_, l)| l.client_id == client_id)?;
         let control = live.control.clone();
-        let packet_id = if qos == 0 {
-            0
-        } else {
-            let session = state.sessions.entry(client_id.to_string()).or_default();
-            session.next_packet_id = session.next_packet_id.checked_add(1).unwrap_or(1);
-            session.next_packet_id
-        };
-        control
-            .try_send(Control::Publish {
-                topic: topic.to_string(),
-                payload: Bytes::copy_from_slice(payload),
-                qos,
+        let mut burst = Vec::new();
+        for (topic, payload, qos) in messages {
+            let packet_id = if *qos == 0 {
+                0
+            } else {
+                let session = state.sessions.entry(client_id.to_string()).or_default();
+                session.next_packet_id = session.next_packet_id.checked_add(1).unwrap_or(1);
+                session.next_packet_id
+            };
+            burst.push((
+                topic.to_string(),
+                Bytes::copy_from_slice(payload),
+                *qos,
                 packet_id,
-            })
-            .ok()?;
-        state.outbound.push(Outbound {
-            conn,
-            client_id: client_id.to_string(),
-            packet_id,
-            qos,
-            topic: topic.to_string(),
-            sent_at: Instant::now(),
-            pubrec_at: None,
-            acked_at: None,
-            ack_reason: None,
-        });
-        Some(packet_id)
+            ));
+        }
+        let ids: Vec<u16> = burst.iter().map(|m| m.3).collect();
+        let now = Instant::now();
+        for (topic, _, qos, packet_id) in &burst {
+            state.outbound.push(Outbound {
+                conn,
+                client_id: client_id.to_string(),
+                packet_id: *packet_id,
+                qos: *qos,
+                topic: topic.clone(),
+                sent_at: now,
+                pubrec_at: None,
+                acked_at: None,
+                ack_reason: None,
+            });
+        }
+        control.try_send(Control::Publish(burst)).ok()?;
+        Some(ids)
     }
 
     /// Polls `check` over the broker's records until it returns `Some`, up to `limit`.
@@ -1340,7 +1363,7 @@ async fn serve(stream: TcpStream, id: usize, shared: Shared, cancel: Cancellatio
     };
     let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
     let now = Instant::now();
-    let (connack, accepted, takeover) = {
+    let (connack, accepted, takeover, drop_now) = {
         let mut state = lock(&shared);
         let refused = state.script.refuse_connects > 0;
         let mut info = ConnectInfo {
@@ -1379,7 +1402,7 @@ async fn serve(stream: TcpStream, id: usize, shared: Shared, cancel: Cancellatio
                 Refuse::Close => None,
                 Refuse::Code(code) => Some(connack_bytes(protocol, false, code, None, None)),
             };
-            (connack, false, Vec::new())
+            (connack, false, Vec::new(), false)
         } else {
             // Session takeover: an older connection of the same client id is closed.
             let takeover: Vec<mpsc::Sender<Control>> = state
@@ -1417,7 +1440,9 @@ async fn serve(stream: TcpStream, id: usize, shared: Shared, cancel: Cancellatio
                 state.script.max_packet_size,
                 state.script.receive_maximum,
             );
-            (Some(connack), true, takeover)
+            let drop_now = state.script.drop_after_connack > 0;
+            state.script.drop_after_connack = state.script.drop_after_connack.saturating_sub(1);
+            (Some(connack), true, takeover, drop_now)
         }
     };
     for old in takeover {
@@ -1447,6 +1472,10 @@ async fn serve(stream: TcpStream, id: usize, shared: Shared, cancel: Cancellatio
         conn.finish("connect refused", false).await;
         return;
     }
+    if drop_now {
+        conn.finish("scripted drop after CONNACK", true).await;
+        return;
+    }
 
     let why = loop {
         let next_due = conn.scheduled.iter().map(|s| s.due).min();
@@ -1455,14 +1484,16 @@ async fn serve(stream: TcpStream, id: usize, shared: Shared, cancel: Cancellatio
             () = cancel.cancelled() => break "broker stopped".to_string(),
             control = control_rx.recv() => match control {
                 Some(Control::Close(why)) => break why,
-                Some(Control::Publish { topic, payload, qos, packet_id }) => {
-                    match publish_bytes(protocol, &topic, &payload, qos, packet_id) {
-                        Ok(bytes) => {
-                            if conn.write(&bytes).await.is_err() {
-                                break "write failed".into();
-                            }
+                Some(Control::Publish(burst)) => {
+                    let mut bytes = Vec::new();
+                    for (topic, payload, qos, packet_id) in burst {
+                        match publish_bytes(protocol, &topic, &payload, qos, packet_id) {
+                            Ok(encoded) => bytes.extend_from_slice(&encoded),
+                            Err(err) => eprintln!("fake broker: encode publish: {err}"),
                         }
-                        Err(err) => eprintln!("fake broker: encode publish: {err}"),
+                    }
+                    if conn.write(&bytes).await.is_err() {
+                        break "write failed".into();
                     }
                 }
                 None => break "control closed".into(),
