@@ -788,6 +788,60 @@ async fn oversized_event_is_dead_lettered_with_the_sink_max_packet_size_on_3_1_1
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_is_dead_lettered_from_the_v5_connack_limit() {
+    // No sink setting: the limit comes only from CONNACK's Maximum Packet Size.
+    let broker = FakeBroker::start(Script::new().max_packet_size(4096)).await;
+    let config = link_config(broker.port, "5");
+    let gateway = start_connected(&config).await;
+
+    let mut device = Device::connect(config.device_addr())
+        .await
+        .expect("connect");
+    let mut lines = String::new();
+    for (seq, pad) in [(1, 16), (2, 6000), (3, 16), (4, 16), (5, 16)] {
+        lines.push_str(&data_message("big5", seq, pad).to_string());
+        lines.push('\n');
+    }
+    device.send_raw(lines.as_bytes()).await.expect("send");
+
+    wait_delivered(&broker, &keys("big5", [1, 3, 4, 5]), LIMIT).await;
+    let entries = wait_deadletters(&gateway, 1).await;
+    assert_entry(&entries[0], "big5", REASON_TOO_LARGE, None);
+    wait_buffer_empty(&gateway).await;
+    assert!(
+        broker.oversized().is_empty(),
+        "the gateway sent a packet larger than the limit it was told in CONNACK\n{}",
+        story(&broker)
+    );
+    assert_eq!(broker.accepted_connects(), 1, "{}", story(&broker));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_receive_maximum_caps_the_inflight_window() {
+    // The broker takes 3 unacknowledged publishes at a time (more: DISCONNECT 0x93).
+    let script = Script::new().receive_maximum(3).on(
+        Match::topic(TELEMETRY),
+        Reply::Delay(Duration::from_millis(50)),
+    );
+    let broker = FakeBroker::start(script).await;
+    let config = link_config(broker.port, "5")
+        .sink("qos = 1")
+        .sink("max_inflight = 10");
+    let gateway = start_connected(&config).await;
+    let _device = send(&config, "rmax", 1..=30, 16).await;
+
+    wait_delivered(&broker, &keys("rmax", 1..=30), LIMIT).await;
+    wait_buffer_empty(&gateway).await;
+    assert!(
+        broker.max_outstanding() <= 3,
+        "{} publishes unacked at once with Receive Maximum 3\n{}",
+        broker.max_outstanding(),
+        story(&broker)
+    );
+    assert_eq!(broker.accepted_connects(), 1, "{}", story(&broker));
+}
+
 // ---------------------------------------------------------------------------------------
 // d. backoff (must hold)
 // ---------------------------------------------------------------------------------------
