@@ -685,3 +685,192 @@ fn topic_filters_match_like_mqtt() {
         "gateways/gw-1/devices/d/telemetry"
     ));
 }
+
+/// A raw MQTT 5 PUBLISH at QoS 2 with the DUP flag as given.
+fn q2(id: u16, dup: bool) -> rumqttc::v5::mqttbytes::v5::Packet {
+    let mut packet = v5_publish(
+        "t",
+        rumqttc::v5::mqttbytes::QoS::ExactlyOnce,
+        id,
+        format!("m{id}").into_bytes(),
+    );
+    if let rumqttc::v5::mqttbytes::v5::Packet::Publish(p) = &mut packet {
+        p.dup = dup;
+    }
+    packet
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubrel_replies_and_ping_suppression_on_the_wire() {
+    use rumqttc::v5::mqttbytes::v5::{Packet, PingReq, PubRel};
+    let script = Script::new()
+        .on_pubrel(Some(0), RelReply::NoComp, None)
+        .on_pubrel(Some(1), RelReply::Code(0x92), None)
+        .on_pubrel(Some(2), RelReply::Duplicate, None)
+        .on_pubrel(Some(3), RelReply::Delay(Duration::from_millis(200)), None)
+        .no_pings();
+    let broker = FakeBroker::start(script).await;
+    let (mut raw, _) = Raw::connect_v5(&broker, "raw-rel").await;
+    for id in 1..=4 {
+        raw.send(q2(id, false)).await;
+        match raw.recv().await {
+            Some(Packet::PubRec(rec)) => assert_eq!(rec.pkid, id),
+            other => panic!("expected PUBREC {id}, got {other:?}"),
+        }
+    }
+    // No PUBCOMP for 1: the PUBCOMP for 2 (reason 0x92) is the next packet.
+    raw.send(Packet::PubRel(PubRel::new(1, None))).await;
+    raw.send(Packet::PubRel(PubRel::new(2, None))).await;
+    match raw.recv().await {
+        Some(Packet::PubComp(comp)) => assert_eq!(
+            (comp.pkid, format!("{:?}", comp.reason)),
+            (2, "PacketIdentifierNotFound".into())
+        ),
+        other => panic!("expected PUBCOMP 2, got {other:?}"),
+    }
+    raw.send(Packet::PubRel(PubRel::new(3, None))).await;
+    for _ in 0..2 {
+        match raw.recv().await {
+            Some(Packet::PubComp(comp)) => assert_eq!(comp.pkid, 3),
+            other => panic!("expected PUBCOMP 3 twice, got {other:?}"),
+        }
+    }
+    // A PINGREQ gets no answer: the delayed PUBCOMP for 4 is the next packet.
+    let sent = tokio::time::Instant::now();
+    raw.send(Packet::PubRel(PubRel::new(4, None))).await;
+    raw.send(Packet::PingReq(PingReq)).await;
+    match raw.recv().await {
+        Some(Packet::PubComp(comp)) => assert_eq!(comp.pkid, 4),
+        other => panic!("expected PUBCOMP 4, got {other:?}"),
+    }
+    assert!(sent.elapsed() >= Duration::from_millis(200));
+    // Id 1 was released without PUBCOMP: reusing it now is a violation.
+    assert!(broker.violations().is_empty());
+    raw.send(q2(1, false)).await;
+    match raw.recv().await {
+        Some(Packet::PubRec(rec)) => assert_eq!(rec.pkid, 1),
+        other => panic!("expected PUBREC 1, got {other:?}"),
+    }
+    let violations = broker.violations();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(
+        violations[0].contains("PUBCOMP is still owed"),
+        "{violations:?}"
+    );
+    assert!(broker.qos2_pending("raw-rel").contains(&1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receive_maximum_and_packet_id_reuse_are_enforced() {
+    use rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let script = Script::new()
+        .receive_maximum(2)
+        .on(Match::any(), Reply::Withhold);
+    let broker = FakeBroker::start(script).await;
+    let (mut raw, connack) = Raw::connect_v5(&broker, "raw-rmax").await;
+    assert_eq!(connack.properties.and_then(|p| p.receive_max), Some(2));
+    raw.send(v5_publish("t", AtLeastOnce, 1, b"a".to_vec()))
+        .await;
+    // The same id again with DUP is a resend, without DUP a reuse.
+    let mut resend = v5_publish("t", AtLeastOnce, 1, b"a".to_vec());
+    if let Packet::Publish(p) = &mut resend {
+        p.dup = true;
+    }
+    raw.send(resend).await;
+    raw.send(v5_publish("t", AtLeastOnce, 1, b"a".to_vec()))
+        .await;
+    raw.send(v5_publish("t", AtLeastOnce, 2, b"b".to_vec()))
+        .await;
+    raw.send(v5_publish("t", AtLeastOnce, 3, b"c".to_vec()))
+        .await;
+    match raw.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason_code as u8, 0x93),
+        other => panic!("expected DISCONNECT 0x93, got {other:?}"),
+    }
+    assert!(raw.recv().await.is_none());
+    assert_eq!(broker.max_outstanding(), 3);
+    let violations = broker.violations();
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].contains("unfinished"), "{violations:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn negative_code_closes_a_3_1_1_link_and_disconnect_with_sends_a_reason() {
+    let broker = FakeBroker::start(Script::new().on(Match::any(), Reply::Code(0x87))).await;
+    let client = V4::start(&broker, "self-neg", true, |_| {});
+    client
+        .client
+        .publish("t", rumqttc::QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("publish");
+    let closed = broker
+        .wait_for(LIMIT, |b| {
+            b.closed()
+                .iter()
+                .any(|c| c.why.contains("no negative ack"))
+                .then_some(())
+        })
+        .await;
+    assert!(closed.is_some(), "{:?}", broker.closed());
+    assert!(broker.deliveries().is_empty());
+
+    let broker =
+        FakeBroker::start(Script::new().on(Match::any(), Reply::DisconnectWith(0x89))).await;
+    let (mut raw, _) = Raw::connect_v5(&broker, "raw-busy").await;
+    raw.send(v5_publish(
+        "t",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        1,
+        b"x".to_vec(),
+    ))
+    .await;
+    match raw.recv().await {
+        Some(rumqttc::v5::mqttbytes::v5::Packet::Disconnect(d)) => {
+            assert_eq!(d.reason_code as u8, 0x89);
+        }
+        other => panic!("expected DISCONNECT 0x89, got {other:?}"),
+    }
+    assert!(broker.deliveries().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_lives_by_its_expiry_and_a_second_client_takes_it_over() {
+    // Clean start off but no session expiry: the session ends with the connection.
+    let broker = FakeBroker::start(Script::new()).await;
+    let first = V5::start(&broker, "self-exp", |o| {
+        o.set_clean_start(false);
+    });
+    assert!(first.saw("ConnAck").await);
+    drop(first);
+    let closed = broker
+        .wait_for(LIMIT, |b| (!b.closed().is_empty()).then_some(()))
+        .await;
+    assert!(closed.is_some());
+    let second = V5::start(&broker, "self-exp", |o| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(60));
+    });
+    assert!(second.saw("ConnAck").await);
+    let third = V5::start(&broker, "self-exp", |o| {
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(60));
+    });
+    assert!(
+        third.saw("session_present: true").await,
+        "{:?}",
+        third.events()
+    );
+    let connects = broker.connects();
+    assert!(!connects[1].session_present, "{connects:?}");
+    let taken = broker
+        .wait_for(LIMIT, |b| {
+            b.closed()
+                .iter()
+                .any(|c| c.why == "session taken over")
+                .then_some(())
+        })
+        .await;
+    assert!(taken.is_some(), "{:?}", broker.closed());
+    drop(second);
+}

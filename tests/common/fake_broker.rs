@@ -1802,10 +1802,10 @@ impl Conn {
                         .sessions
                         .get(&self.client_id)
                         .is_some_and(|s| s.qos2.contains(&packet_id));
-                let why = if self.outstanding.contains(&packet_id) {
-                    Some("its earlier flow on this connection is unfinished")
-                } else if self.owed_comp.contains(&packet_id) {
+                let why = if self.owed_comp.contains(&packet_id) {
                     Some("its PUBCOMP is still owed")
+                } else if self.outstanding.contains(&packet_id) {
+                    Some("its earlier flow on this connection is unfinished")
                 } else if in_session {
                     Some("it awaits PUBREL in the session")
                 } else {
