@@ -17,6 +17,23 @@
 //!   enters the session (method B of MQTT 5 §4.3.3: stored on receipt, released on PUBREL).
 //! - Nothing here sleeps to synchronise; every wait has a deadline; dropping the broker
 //!   cancels its tasks and closes every socket.
+//!
+//! Use:
+//!
+//! ```text
+//! let script = Script::new()
+//!     .on(Match::topic("gateways/+/devices/+/telemetry").nth(0), Reply::Withhold)
+//!     .on(Match::payload("\"seq\":3,"), Reply::Code(0x87))
+//!     .on_pubrel(Some(0), RelReply::ReleaseAndDisconnect, Some(1))
+//!     .max_packet_size(4096);
+//! let broker = FakeBroker::start(script).await;      // 127.0.0.1, free port
+//! // ... point the gateway at broker.url() ...
+//! broker.wait_for(WAIT, |b| (b.deliveries().len() >= 10).then_some(())).await;
+//! broker.behave();                                   // ack everything from now on
+//! broker.disconnect_all();                           // drop the link (wills fire)
+//! broker.stop().await; broker.start_again().await;   // outage on the same port
+//! assert!(broker.violations().is_empty());           // no packet id reused early
+//! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
