@@ -113,16 +113,8 @@ fn reason_code(entry: &Value) -> Option<u64> {
     }
 }
 
-/// Fields every dead-letter entry carries.
-const DEADLETTER_FIELDS: [&str; 7] = [
-    "id",
-    "reason",
-    "reason_code",
-    "device",
-    "kind",
-    "received_at",
-    "size",
-];
+/// Fields every dead-letter entry carries (`reason_code` too when the broker gave one).
+const DEADLETTER_FIELDS: [&str; 6] = ["id", "reason", "device", "kind", "received_at", "size"];
 
 /// Runs `fieldgate deadletter ARGS --api http://API --token ADMIN`.
 async fn deadletter_cli(gateway: &Gateway, args: &[&str]) -> Output {
@@ -1255,7 +1247,9 @@ async fn cloud_commands_are_acknowledged_only_after_they_are_stored() {
     gateway.restart().await;
     let (status, body) = api(gateway.api, "GET", "/api/v1/devices/cmd-dev/commands").await;
     assert_eq!(status, 200, "{body}");
-    let stored: BTreeSet<String> = deadletter_entries(&body)
+    let stored: BTreeSet<String> = body
+        .as_array()
+        .unwrap_or_else(|| panic!("a JSON list of commands: {body}"))
         .iter()
         .filter_map(|c| c.get("id").and_then(Value::as_str).map(str::to_owned))
         .collect();
