@@ -487,6 +487,35 @@ fn assert_growing(gaps: &[Duration], max: Duration, broker: &FakeBroker) {
 }
 
 // ---------------------------------------------------------------------------------------
+// control: the harness itself, against a broker that behaves
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_a_well_behaved_broker_gets_everything_exactly_once() {
+    for (protocol, qos) in [("3.1.1", 1), ("5", 2)] {
+        let broker = FakeBroker::start(Script::new()).await;
+        let config = link_config(broker.port, protocol).sink(&format!("qos = {qos}"));
+        let gateway = start_connected(&config).await;
+        let _device = send(&config, "ctl", 1..=50, 16).await;
+        let expected = keys("ctl", 1..=50);
+        wait_delivered(&broker, &expected, LIMIT).await;
+        wait_buffer_empty(&gateway).await;
+        assert_exactly_once(&broker, &expected);
+        assert!(broker.violations().is_empty(), "{}", story(&broker));
+        assert_eq!(broker.accepted_connects(), 1, "{}", story(&broker));
+        let connect = &broker.connects()[0];
+        assert_eq!(connect.client_id, CLIENT_ID);
+        assert!(!connect.clean, "the default keeps the session");
+        assert!(
+            broker.is_subscribed(CLIENT_ID, "gateways/gw-1/devices/+/commands"),
+            "{}",
+            story(&broker)
+        );
+        assert_eq!(broker.retained(STATUS), Some(Bytes::from("online")));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // a. never stall (issue item 1)
 // ---------------------------------------------------------------------------------------
 
