@@ -292,7 +292,7 @@ fn percent_encode(text: &str) -> String {
 }
 
 /// A tiny HTTP/1.1 client for one gateway: one connection per call.
-struct Client {
+pub(crate) struct Client {
     api: String,
     host: String,
     port: u16,
@@ -301,7 +301,8 @@ struct Client {
 }
 
 impl Client {
-    fn new(api: &str, token: String) -> Result<Self, CliError> {
+    /// A client of the API at `api` (loopback only) sending the admin `token`.
+    pub(crate) fn new(api: &str, token: String) -> Result<Self, CliError> {
         let usage = |why: &str| CliError::Usage(format!("--api {api:?}: {why}"));
         let rest = api
             .strip_prefix("http://")
@@ -340,7 +341,7 @@ impl Client {
     }
 
     /// Sends one request; answers the JSON body of a 2xx, or the problem as an error.
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: Method,
         path: &str,

@@ -4,6 +4,7 @@
 
 mod api;
 mod buffer;
+mod cli_deadletter;
 mod cli_devices;
 mod commands;
 mod config;
@@ -45,6 +46,8 @@ enum Command {
     DefaultConfig,
     /// Manage the devices of a running gateway over its API (needs `api.admin_token`).
     Devices(cli_devices::DevicesArgs),
+    /// Inspect, replay or purge the events a sink's upstream refused for good.
+    Deadletter(cli_deadletter::DeadLetterArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Devices(args) => cli_devices::run(args),
+        Command::Deadletter(args) => cli_deadletter::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -21,6 +21,7 @@ use crate::commands::CommandDispatcher;
 use crate::config::{Config, HTTP_SOURCE, RegistryConfig, SinkConfig, SourceConfig};
 use crate::pipeline::{Intake, SourceOutput, intake};
 use crate::sinks;
+use crate::sinks::deadletter::DeadLetters;
 use crate::sources::DeviceServices;
 use crate::sources::directory::{DeviceDirectory, close_revoked};
 use crate::sources::tcp::TcpSource;
@@ -79,6 +80,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             profiler: Arc::clone(&profiler),
         }),
         v1: v1_state.clone(),
+        deadletter: Arc::new(api::deadletter::DeadLetterApi::new(
+            config.api.as_ref().and_then(|api| api.admin_token.clone()),
+            Arc::clone(&metrics),
+        )),
     });
 
     let api_stop = CancellationToken::new();
@@ -142,6 +147,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         intakes.insert(name.clone(), sender);
     }
 
+    // Dead-letter stores, one per sink that can refuse events.
+    let mut deadletters = BTreeMap::new();
+    for (name, sink) in &config.sinks {
+        if let SinkConfig::Mqtt(_) = sink {
+            let store = DeadLetters::open(name, &config.gateway.data_dir)?;
+            deadletters.insert(name.clone(), Arc::new(store));
+        }
+    }
+    api_state.attach_deadletters(
+        deadletters
+            .iter()
+            .map(|(name, store)| {
+                (
+                    name.clone(),
+                    (Arc::clone(store), Arc::clone(&buffers[name])),
+                )
+            })
+            .collect(),
+    );
+
     // Sinks.
     let sink_stop = CancellationToken::new();
     let sink_tasks = TaskTracker::new();
@@ -158,6 +183,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     directory: Arc::clone(&directory),
                     commands: commands.clone(),
                     intake: intakes[&name].downgrade(),
+                    deadletters: Arc::clone(&deadletters[&name]),
+                    data_dir: config.gateway.data_dir.clone(),
                     metrics: sink_metrics,
                 };
                 sink_tasks.spawn(async move {

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod commands;
+pub mod deadletter;
 pub mod devices;
 pub mod extract;
 pub mod ingest;
@@ -40,6 +41,18 @@ pub struct ApiState {
     pub debug: Arc<DebugState>,
     /// The device registry's `/api/v1` routes; none without `[registry]`.
     pub v1: Option<Arc<v1::V1State>>,
+    /// `/api/v1/deadletter/{sink}`.
+    pub deadletter: Arc<deadletter::DeadLetterApi>,
+}
+
+impl ApiState {
+    /// Makes the sinks' dead-letter stores reachable through the API.
+    pub fn attach_deadletters(
+        &self,
+        sinks: std::collections::BTreeMap<String, deadletter::SinkDeadLetters>,
+    ) {
+        self.deadletter.attach(sinks);
+    }
 }
 
 /// The routes.
@@ -50,8 +63,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .merge(debug_routes::routes(Arc::clone(&state.debug)))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
         .merge(v1_routes)
+        .merge(deadletter::router(Arc::clone(&state.deadletter)))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {

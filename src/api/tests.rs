@@ -80,6 +80,10 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: Some(Arc::clone(&v1)),
+        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(
+            admin_token.map(str::to_owned),
+            Arc::clone(&metrics),
+        )),
     });
     Harness {
         app: router(state),
@@ -996,6 +1000,10 @@ async fn routes_are_absent_without_a_registry() {
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: None,
+        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(
+            None,
+            Arc::clone(&metrics),
+        )),
     });
     let response = router(state)
         .oneshot(

@@ -446,6 +446,13 @@ pub struct MqttSinkConfig {
     /// Publishes awaiting acknowledgement at once.
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Largest packet the broker accepts; larger events are dead-lettered. MQTT 5 brokers
+    /// announce theirs in CONNACK (the smaller of the two applies).
+    #[serde(default)]
+    pub max_packet_size: Option<ByteSize>,
+    /// A publish unacknowledged this long means a stuck link: reconnect and resend.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout: HumanDuration,
     /// Events per publish; above 1 a publish carries a JSON array.
     #[serde(default = "default_batch_max_events")]
     pub batch_max_events: usize,
@@ -487,6 +494,9 @@ fn default_reconnect_max() -> HumanDuration {
 fn default_max_inflight() -> u16 {
     // Enough to keep a broker 1-2 ms away busy at tens of thousands of publishes/s.
     500
+}
+fn default_ack_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 fn default_batch_max_events() -> usize {
     1
@@ -534,8 +544,20 @@ impl MqttSinkConfig {
                 ));
             }
         }
-        if self.max_inflight == 0 {
-            return Err(whole("max_inflight", "must be at least 1".into()));
+        if self.max_inflight == 0 || self.max_inflight == u16::MAX {
+            return Err(whole("max_inflight", "must be between 1 and 65534".into()));
+        }
+        if self
+            .max_packet_size
+            .is_some_and(|size| !(64..=268_435_455).contains(&size.0))
+        {
+            return Err(whole(
+                "max_packet_size",
+                "must be between 64B and 256MiB (MQTT's largest packet)".into(),
+            ));
+        }
+        if self.ack_timeout.0 < Duration::from_secs(1) {
+            return Err(whole("ack_timeout", "must be at least 1s".into()));
         }
         if self.batch_max_events == 0 || self.batch_max_events > 10_000 {
             return Err(whole(

@@ -2,6 +2,7 @@
 //! records only once its destination has them.
 
 pub mod console;
+pub mod deadletter;
 pub mod file;
 pub mod mqtt;
 mod topic;
