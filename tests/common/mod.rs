@@ -5,6 +5,8 @@
 //! synchronise (the short pauses below are poll intervals inside deadline-bound waits).
 #![allow(dead_code)]
 
+pub mod fake_broker;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -147,6 +149,8 @@ pub struct Mosquitto {
     /// Port of the plain listener.
     pub port: u16,
     options: BrokerOptions,
+    /// Extra lines for mosquitto.conf (global options such as `max_packet_size`).
+    extra_conf: String,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -159,10 +163,17 @@ impl Mosquitto {
 
     /// Starts mosquitto with `options`.
     pub async fn start_with(port: u16, options: BrokerOptions) -> Self {
+        Self::start_with_conf(port, options, "").await
+    }
+
+    /// Starts mosquitto with `options` and `extra` global lines in its config file
+    /// (e.g. `"max_packet_size 4000"`).
+    pub async fn start_with_conf(port: u16, options: BrokerOptions, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("mosquitto tempdir");
         let mut broker = Mosquitto {
             port,
             options,
+            extra_conf: extra.to_string(),
             dir,
             child: None,
         };
@@ -201,6 +212,10 @@ impl Mosquitto {
         ));
         // Unlimited queue for offline persistent subscribers (the default drops past 1000).
         conf.push_str("max_queued_messages 0\n");
+        for line in self.extra_conf.lines() {
+            conf.push_str(line);
+            conf.push('\n');
+        }
         conf.push_str(&format!("listener {} 127.0.0.1\n", self.port));
         if let Some(tls) = &self.options.tls {
             conf.push_str(&format!(
