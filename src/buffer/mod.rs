@@ -600,8 +600,9 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let (buffer, _metrics) = open(dir.path(), kind, 64 * 1024);
             let largest = largest_record(&config(kind, 64 * 1024));
+            let largest_len = usize::try_from(largest).unwrap();
             let header = record(EventKind::Telemetry, 0, 0).1.len();
-            let too_large = record(EventKind::Telemetry, largest as usize - header + 1, 7);
+            let too_large = record(EventKind::Telemetry, largest_len - header + 1, 7);
             match buffer.append(std::slice::from_ref(&too_large)) {
                 (0, Some(AppendError::TooLarge { len, max })) => {
                     assert_eq!((len, max), (largest + 1, largest), "{kind:?}");
@@ -609,7 +610,7 @@ mod tests {
                 other => panic!("{kind:?}: expected TooLarge, got {other:?}"),
             }
             // The largest record does fit the empty buffer.
-            let fits = record(EventKind::Telemetry, largest as usize - header, 7);
+            let fits = record(EventKind::Telemetry, largest_len - header, 7);
             let (stored, error) = buffer.append(&[fits]);
             assert_eq!(stored, 1, "{kind:?}: {error:?}");
         }
