@@ -1256,7 +1256,10 @@ async fn qos2_unfinished_flows_survive_kill9_with_dup_and_the_same_packet_ids() 
 async fn cloud_commands_are_acknowledged_only_after_they_are_stored() {
     const COMMANDS: u16 = 40;
     let broker = FakeBroker::start(Script::new()).await;
-    let config = link_config(broker.port, "3.1.1").tail("[registry]");
+    // Beside a registry, device sources must authenticate (`check` refuses `auth = "none"`).
+    let config = link_config(broker.port, "3.1.1")
+        .source("auth = \"registry\"")
+        .tail("[registry]");
     let mut gateway = start_connected(&config).await;
     let (status, device) = api_json(
         gateway.api,

@@ -834,7 +834,12 @@ impl MqttSink<'_> {
             } else {
                 self.publish_batch(connection).await;
             }
-            self.held_since = (!self.held.is_empty()).then(Instant::now);
+            // What is still held (the window filled) keeps its age: it goes out first.
+            if self.held.is_empty() {
+                self.held_since = None;
+            } else {
+                self.held_since.get_or_insert_with(Instant::now);
+            }
         }
         self.flush_settled();
     }
@@ -1007,13 +1012,18 @@ impl MqttSink<'_> {
                 .collect(),
             _ => Vec::new(),
         };
-        let Some(id) = self.inflight.insert(message, carried) else {
-            // Callers check the room first; this would be a bug, not an input.
-            tracing::error!(
-                sink = self.buffer.sink(),
-                "publish without a free in-flight slot"
-            );
-            return;
+        let id = match self.inflight.insert(message, carried) {
+            Ok(id) => id,
+            Err((_, Carried::Records(deliveries))) => {
+                // The window filled within a batch: the records wait, in order, for a slot.
+                for delivery in deliveries.into_iter().rev() {
+                    self.held.push_front(delivery);
+                }
+                self.held_since.get_or_insert_with(Instant::now);
+                return;
+            }
+            // The next connection publishes a fresh status.
+            Err((_, Carried::Status)) => return,
         };
         if let Some(log) = self.qos2_log.as_mut().filter(|_| !records.is_empty()) {
             log.sent(id, &records);

@@ -5,7 +5,7 @@
 //! its logic is written once and only this module knows the two wire formats. Reason
 //! codes are kept as their numeric MQTT 5 values (3.1.1 acks are always `0x00`).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::{QoS as QoS4, v4};
 use rumqttc::v5::mqttbytes::{QoS as QoS5, v5};
 
@@ -186,11 +186,16 @@ impl Codec {
                 Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
                 Err(err) => Err(malformed(err)),
             },
-            MqttProtocol::V5 => match v5::Packet::read(buffer, Some(MAX_INCOMING_PACKET)) {
-                Ok(packet) => Ok(Some(incoming_v5(packet))),
-                Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-                Err(err) => Err(malformed(err)),
-            },
+            MqttProtocol::V5 => {
+                if let Some(disconnect) = short_disconnect_v5(buffer) {
+                    return Ok(Some(disconnect));
+                }
+                match v5::Packet::read(buffer, Some(MAX_INCOMING_PACKET)) {
+                    Ok(packet) => Ok(Some(incoming_v5(packet))),
+                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+                    Err(err) => Err(malformed(err)),
+                }
+            }
         }
     }
 
@@ -379,6 +384,25 @@ impl Codec {
                 .map_err(malformed),
         };
         log_write_failure("DISCONNECT", written);
+    }
+}
+
+/// A v5 DISCONNECT with no properties: remaining length 0 (normal disconnection) or 1 (a
+/// reason code only), both allowed by MQTT 5 §3.14.2.1 and sent by mosquitto. rumqttc's
+/// decoder wants a property length, so these are read here.
+fn short_disconnect_v5(buffer: &mut BytesMut) -> Option<Incoming> {
+    const DISCONNECT: u8 = 0xE0;
+    match buffer.as_ref() {
+        [DISCONNECT, 0, ..] => {
+            buffer.advance(2);
+            Some(Incoming::Disconnect { code: 0 })
+        }
+        [DISCONNECT, 1, code, ..] => {
+            let code = *code;
+            buffer.advance(3);
+            Some(Incoming::Disconnect { code })
+        }
+        _ => None,
     }
 }
 
@@ -630,6 +654,23 @@ mod tests {
             Some(Incoming::PubRec { id: 4, code: 0x97 })
         );
         assert_eq!(codec.read(&mut wire).expect("empty"), None);
+    }
+
+    #[test]
+    fn a_v5_disconnect_without_properties_is_read() {
+        let codec = Codec::new(MqttProtocol::V5);
+        let mut wire = BytesMut::from(&[0xE0u8, 0x01, 0x95, 0xE0, 0x00][..]);
+        assert_eq!(
+            codec.read(&mut wire).expect("valid"),
+            Some(Incoming::Disconnect { code: 0x95 })
+        );
+        assert_eq!(
+            codec.read(&mut wire).expect("valid"),
+            Some(Incoming::Disconnect { code: 0 })
+        );
+        // A DISCONNECT whose reason code has not arrived yet waits for it.
+        let mut partial = BytesMut::from(&[0xE0u8, 0x01][..]);
+        assert_eq!(codec.read(&mut partial).expect("incomplete"), None);
     }
 
     #[test]

@@ -124,10 +124,10 @@ impl<T> Inflight<T> {
         self.limit.saturating_sub(self.entries.len())
     }
 
-    /// Takes a packet id for `message`; `None` when the window is full.
-    pub fn insert(&mut self, message: Message, carried: T) -> Option<u16> {
+    /// Takes a packet id for `message`; when the window is full, hands both back.
+    pub fn insert(&mut self, message: Message, carried: T) -> Result<u16, (Message, T)> {
         if self.room() == 0 {
-            return None;
+            return Err((message, carried));
         }
         // The window is below 65,535, so a free id exists and the loop ends.
         let id = loop {
@@ -149,7 +149,7 @@ impl<T> Inflight<T> {
                 sent_at: Instant::now(),
             },
         );
-        Some(id)
+        Ok(id)
     }
 
     /// Puts back a publish that was in flight under `id` before a restart.
@@ -366,7 +366,7 @@ mod tests {
     fn failure_codes_reject_and_free_the_slot() {
         let mut inflight = Inflight::new(1);
         let id = inflight.insert(message(2), 'q').expect("room");
-        assert!(inflight.insert(message(1), 'r').is_none());
+        assert!(inflight.insert(message(1), 'r').is_err());
         assert!(matches!(
             inflight.on_pubrec(id, 0x87),
             AckOutcome::Rejected {
@@ -450,7 +450,7 @@ mod tests {
                 let pick = |n: usize| (!ids.is_empty()).then(|| ids[n % ids.len()]);
                 match op {
                     Op::Publish { qos } => {
-                        let inserted = inflight.insert(message(qos), next);
+                        let inserted = inflight.insert(message(qos), next).ok();
                         prop_assert_eq!(inserted.is_some(), model.len() < limit);
                         if let Some(id) = inserted {
                             prop_assert!(!model.contains_key(&id), "id {} reused", id);
