@@ -24,10 +24,23 @@ const GRACE: Duration = Duration::from_secs(2);
 /// ...plus at most this much.
 const SLACK: Duration = Duration::from_secs(3);
 
-/// A gateway with the registry (for HTTP ingestion), a TCP source in ack mode, and a file
-/// sink reading both, its disk buffer synced per `fsync`. `tail` is appended (e.g. a TLS
-/// table for the source).
-fn config(fsync: &str, tail: &str) -> String {
+/// A gateway with the registry (for HTTP ingestion), a TCP source in ack mode (registry
+/// auth: no device uses it), and a file sink reading both, its disk buffer synced per
+/// `fsync`.
+fn config(fsync: &str) -> String {
+    with_registry(&base_config(fsync, ""))
+}
+
+/// [`base_config`] plus the registry and HTTP ingestion.
+fn with_registry(base: &str) -> String {
+    base.replace("\n[sinks.local]\n", "\n[registry]\n\n[sinks.local]\n")
+        .replace("ack = true\n", "ack = true\nauth = \"registry\"\n")
+        .replace("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
+}
+
+/// A gateway with a TCP source in ack mode and a file sink reading it, its disk buffer
+/// synced per `fsync`. `tail` is appended (e.g. a TLS table for the source).
+fn base_config(fsync: &str, tail: &str) -> String {
     format!(
         r#"[gateway]
 id = "gw-1"
@@ -37,8 +50,6 @@ shutdown_grace = "{grace}s"
 address = "127.0.0.1:{api}"
 admin_token = "{ADMIN}"
 
-[registry]
-
 [sources.devices]
 type = "tcp"
 address = "127.0.0.1:{devices}"
@@ -47,7 +58,7 @@ ack = true
 
 [sinks.local]
 type = "file"
-inputs = ["devices", "http"]
+inputs = ["devices"]
 
 [sinks.local.buffer]
 type = "disk"
@@ -175,7 +186,7 @@ async fn terminate_in_time(gateway: &mut Gateway) {
 
 #[tokio::test]
 async fn sigterm_ends_in_time_while_an_ingest_body_stalls() {
-    let mut gateway = Gateway::start(&config("always", "")).await;
+    let mut gateway = Gateway::start(&config("always")).await;
     let jwt = device_jwt(&gateway, "dev-1").await;
     let _stalled = stalled_ingest(&gateway, &jwt).await;
     terminate_in_time(&mut gateway).await;
@@ -183,7 +194,7 @@ async fn sigterm_ends_in_time_while_an_ingest_body_stalls() {
 
 #[tokio::test]
 async fn a_stalled_ingest_body_times_out() {
-    let gateway = Gateway::start(&config("always", "")).await;
+    let gateway = Gateway::start(&config("always")).await;
     let jwt = device_jwt(&gateway, "dev-1").await;
     let mut stalled = stalled_ingest(&gateway, &jwt).await;
     let mut status_line = String::new();
@@ -275,7 +286,7 @@ fn tls_tail(pki: &Pki) -> String {
 async fn sigterm_ends_in_time_while_a_tls_device_stops_reading() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let config = config("never", &tls_tail(&pki));
+    let config = base_config("never", &tls_tail(&pki));
     let mut gateway = Gateway::start(&config).await;
     let _stuck = tls_device_that_stops_reading(device_addr(&config), &pki).await;
     terminate_in_time(&mut gateway).await;
@@ -285,7 +296,7 @@ async fn sigterm_ends_in_time_while_a_tls_device_stops_reading() {
 async fn a_tls_device_that_stops_reading_does_not_hold_its_connection() {
     let dir = tempfile::tempdir().expect("tempdir");
     let pki = Pki::generate(dir.path());
-    let config = config("never", &tls_tail(&pki));
+    let config = base_config("never", &tls_tail(&pki));
     let gateway = Gateway::start(&config).await;
     let _stuck = tls_device_that_stops_reading(device_addr(&config), &pki).await;
     // The ack write times out, then the TLS close (which cannot be sent either) must time

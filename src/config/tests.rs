@@ -608,6 +608,10 @@ fn largest_frame_must_fit_every_buffer_it_feeds() {
 fn http_ingestion_body_must_fit_its_buffers() {
     let text = contract_with("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
         .replace("max_size = \"1GiB\"", "max_size = \"1MiB\"")
+        .replace(
+            "framing = \"lines\"",
+            "framing = \"lines\"\nauth = \"registry\"",
+        )
         + "\n[registry]\n";
     let err = parse_err(&text);
     assert_eq!(
