@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::Value;
 
-use crate::cli_devices::{CliError, Client, TOKEN_ENV};
+use crate::cli_devices::{CliError, Client, admin_token, run_admin_command};
 
 /// `fieldgate deadletter`.
 #[derive(Debug, Args)]
@@ -52,36 +52,11 @@ pub enum DeadLetterCommand {
 
 /// Runs `fieldgate deadletter …` and prints its outcome.
 pub fn run(args: DeadLetterArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("error: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(execute(args)) {
-        Ok(output) => {
-            print!("{output}");
-            ExitCode::SUCCESS
-        }
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    run_admin_command(execute(args))
 }
 
 async fn execute(args: DeadLetterArgs) -> Result<String, CliError> {
-    let token = args
-        .token
-        .or_else(|| std::env::var(TOKEN_ENV).ok())
-        .filter(|token| !token.is_empty())
-        .ok_or_else(|| {
-            CliError::Usage(format!("no admin token: pass --token or set {TOKEN_ENV}"))
-        })?;
+    let token = admin_token(args.token)?;
     let client = Client::new(&args.api, token)?;
     match args.command {
         DeadLetterCommand::List { sink, limit, json } => {

@@ -128,6 +128,13 @@ pub enum CliError {
 
 /// Runs `fieldgate devices …` and prints its outcome.
 pub fn run(args: DevicesArgs) -> ExitCode {
+    run_admin_command(execute(args))
+}
+
+/// Runs an admin CLI command on a small runtime; prints its output, or its error on stderr.
+pub(crate) fn run_admin_command(
+    command: impl std::future::Future<Output = Result<String, CliError>>,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -138,7 +145,7 @@ pub fn run(args: DevicesArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(args)) {
+    match runtime.block_on(command) {
         Ok(output) => {
             print!("{output}");
             ExitCode::SUCCESS
@@ -150,15 +157,17 @@ pub fn run(args: DevicesArgs) -> ExitCode {
     }
 }
 
-/// Performs the command; answers what to print.
-pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
-    let token = args
-        .token
+/// The admin token: `--token`, else `$FIELDGATE_ADMIN_TOKEN`.
+pub(crate) fn admin_token(token: Option<String>) -> Result<String, CliError> {
+    token
         .or_else(|| std::env::var(TOKEN_ENV).ok())
         .filter(|token| !token.is_empty())
-        .ok_or_else(|| {
-            CliError::Usage(format!("no admin token: pass --token or set {TOKEN_ENV}"))
-        })?;
+        .ok_or_else(|| CliError::Usage(format!("no admin token: pass --token or set {TOKEN_ENV}")))
+}
+
+/// Performs the command; answers what to print.
+pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
+    let token = admin_token(args.token)?;
     let client = Client::new(&args.api, token)?;
     match args.command {
         DevicesCommand::Add {
