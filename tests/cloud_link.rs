@@ -1726,3 +1726,42 @@ async fn sigterm_with_acks_withheld_exits_within_the_grace_and_says_offline() {
     );
     assert_eq!(broker.retained(STATUS), Some(Bytes::from("offline")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_full_window_leaves_offline_to_the_will() {
+    // One slot, held by an unacknowledged device event (the gateway status is acked): there
+    // is no room for a clean `offline`, so the gateway must not DISCONNECT (that would
+    // cancel the will and leave the retained `online` standing).
+    let broker =
+        FakeBroker::start(Script::new().on(Match::topic("gateways/+/devices/#"), Reply::Withhold))
+            .await;
+    let config = link_config(broker.port, "3.1.1")
+        .sink("qos = 1")
+        .sink("max_inflight = 1");
+    let mut gateway = start_connected(&config).await;
+    let _device = send(&config, "full", 1..=3, 16).await;
+    broker
+        .wait_for(LIMIT, |b| {
+            let device_event = b
+                .publishes()
+                .iter()
+                .any(|p| p.topic.starts_with("gateways/gw-1/devices/"));
+            (device_event && b.retained(STATUS) == Some(Bytes::from("online"))).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("no withheld device event or no online\n{}", story(&broker)));
+    let started = Instant::now();
+    gateway.terminate().await;
+    assert!(
+        started.elapsed() <= Duration::from_secs(5 + 3),
+        "shutdown took {:?}\n{}",
+        started.elapsed(),
+        gateway.stderr_tail(30)
+    );
+    broker
+        .wait_for(LIMIT, |b| {
+            (b.retained(STATUS) == Some(Bytes::from("offline"))).then_some(())
+        })
+        .await
+        .unwrap_or_else(|| panic!("retained status is not offline\n{}", story(&broker)));
+}

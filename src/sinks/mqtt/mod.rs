@@ -446,7 +446,12 @@ impl MqttSink<'_> {
             1,
             &mut connection.outgoing,
         );
-        self.publish_status(b"online", &mut connection);
+        if !self.publish_status(b"online", &mut connection) {
+            tracing::debug!(
+                sink = self.buffer.sink(),
+                "in-flight window full of resent publishes; `online` waits for the next connect"
+            );
+        }
         let mut last_sent = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         let mut healthy = !backoff.in_outage();
@@ -1045,11 +1050,12 @@ impl MqttSink<'_> {
         }
     }
 
-    fn publish_status(&mut self, status: &'static [u8], connection: &mut Connection) {
+    /// Queues the retained gateway status; false when the window is full.
+    fn publish_status(&mut self, status: &'static [u8], connection: &mut Connection) -> bool {
         if self.inflight.room() == 0 {
             // Resent publishes fill the window; the will already says `offline` and the
             // next status goes out with the next connection.
-            return;
+            return false;
         }
         let message = Message {
             topic: self.status_topic.clone(),
@@ -1059,11 +1065,22 @@ impl MqttSink<'_> {
             event_id: None,
         };
         self.send(message, Carried::Status, connection);
+        true
     }
 
     /// Publishes the clean `offline`, waits briefly for its ack, then disconnects.
     async fn shutdown(&mut self, mut connection: Connection) {
-        self.publish_status(b"offline", &mut connection);
+        if !self.publish_status(b"offline", &mut connection) {
+            // No slot for `offline`: leave without DISCONNECT, so the broker publishes the
+            // will (`offline`) instead of keeping the retained `online`.
+            tracing::warn!(
+                sink = self.buffer.sink(),
+                "in-flight window full at shutdown; leaving the `offline` to the will"
+            );
+            self.flush_settled();
+            self.connected_gauge.set(0);
+            return;
+        }
         let deadline = Instant::now() + SHUTDOWN_FLUSH;
         let flush = async {
             while self
