@@ -754,3 +754,60 @@ fn network_defence_values_are_checked() {
         "{err}"
     );
 }
+
+mod hostile_properties {
+    //! The loader on generated hostile text: an error or a config, never a panic. The
+    //! hand-picked cases are in `hostile_input_is_an_error_not_a_panic` above.
+
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Splits on a char boundary at or below `at`.
+    fn prefix(text: &str, at: usize) -> &str {
+        let mut at = at.min(text.len());
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        &text[..at]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_text_is_an_error_not_a_panic(text in "\\PC{0,400}") {
+            let _outcome = parse("fuzz.toml", &text, no_env);
+        }
+
+        #[test]
+        fn toml_like_text_is_an_error_not_a_panic(
+            text in r#"(\[{1,2}[a-z_.]{0,12}\]{0,2}\n|[a-z_.]{1,12} ?= ?("[^"\n]{0,12}"|[0-9_.eE+-]{1,12}|true|\[\]|\{\}|"\$\{[A-Z]{0,3}\}?")\n|\x00|#[^\n]{0,8}\n){0,30}"#,
+        ) {
+            let _outcome = parse("fuzz.toml", &text, no_env);
+        }
+
+        #[test]
+        fn truncated_contract_is_an_error_not_a_panic(at in 0usize..CONTRACT.len()) {
+            let _outcome = parse("fuzz.toml", prefix(CONTRACT, at), no_env);
+        }
+
+        #[test]
+        fn contract_with_a_line_replaced_never_panics(line in any::<prop::sample::Index>(), with in "\\PC{0,80}") {
+            let lines: Vec<&str> = CONTRACT.lines().collect();
+            let index = line.index(lines.len());
+            let text = lines
+                .iter()
+                .enumerate()
+                .map(|(i, l)| if i == index { with.as_str() } else { l })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let _outcome = parse("fuzz.toml", &text, no_env);
+        }
+
+        #[test]
+        fn hostile_env_values_never_panic(value in "\\PC{0,200}") {
+            let text = CONTRACT.replacen("id = \"gw-1\"", "id = \"${GATEWAY_ID}\"", 1);
+            let _outcome = parse("fuzz.toml", &text, |_| Some(value.clone()));
+        }
+    }
+}

@@ -348,6 +348,45 @@ proptest! {
     }
 }
 
+/// JSON string contents with escapes a device may get wrong or abuse: lone surrogates, `\u0000`,
+/// truncated `\u` escapes, raw control bytes.
+fn hostile_string() -> impl Strategy<Value = Vec<u8>> {
+    let piece = prop_oneof![
+        r"\\u[0-9a-fA-F]{0,4}".prop_map(String::into_bytes),
+        r"\\u[dD][89abAB][0-9a-fA-F]{2}(\\u[dD][c-fC-F][0-9a-fA-F]{2})?"
+            .prop_map(String::into_bytes),
+        r#"\\["\\/bfnrtx0]"#.prop_map(String::into_bytes),
+        prop::collection::vec(any::<u8>(), 1..4),
+        "[a-z0-9-]{1,8}".prop_map(String::into_bytes),
+    ];
+    prop::collection::vec(piece, 0..12).prop_map(|pieces| pieces.concat())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn hostile_escapes_in_known_fields_never_panic(
+        key in prop::sample::select(vec!["type", "device", "token", "kind", "id", "x", "dev\\u0069ce"]),
+        value in hostile_string(),
+        allow_binary: bool,
+    ) {
+        let mut frame = format!(r#"{{"{key}":""#).into_bytes();
+        frame.extend_from_slice(&value);
+        frame.extend_from_slice(br#"","seq":1}"#);
+        prop_assert!(well_formed(&parse_message(&frame, allow_binary)));
+    }
+
+    #[test]
+    fn extreme_numbers_never_panic(
+        key in prop::sample::select(vec!["seq", "ts", "temp"]),
+        number in r"-?[0-9]{0,400}(\.[0-9]{0,40})?([eE][+-]?[0-9]{0,6})?",
+    ) {
+        let frame = format!(r#"{{"device":"dev-1","{key}":{number}}}"#);
+        prop_assert!(well_formed(&parse_message(frame.as_bytes(), false)));
+    }
+}
+
 #[test]
 fn protocol_doc_examples() {
     let alarm = r#"{"device":"dev-1","kind":"alarm","seq":1042,"ts":1764143349123,"code":"overheat","temp":91.2}"#;

@@ -249,4 +249,60 @@ mod tests {
             Err(AuthError::Malformed)
         );
     }
+
+    /// A token correctly signed with `KEY` over arbitrary header and payload bytes.
+    fn signed(header: &[u8], payload: &[u8]) -> String {
+        let input = format!("{}.{}", b64url(header), b64url(payload));
+        let tag = mac(&KEY, input.as_bytes()).finalize().into_bytes();
+        format!("{input}.{}", b64url(&tag))
+    }
+
+    const HEADER: &[u8] = br#"{"alg":"HS256","typ":"JWT"}"#;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// The unauthenticated surface: any string is an error, never a panic.
+        #[test]
+        fn arbitrary_strings_are_an_error_not_a_panic(token in "\\PC{0,300}", now in proptest::prelude::any::<u64>()) {
+            proptest::prop_assert!(verify(&token, &KEY, "gw-1", now, TTL).is_err());
+        }
+
+        /// Three base64url-ish segments reach the header decoder and the MAC check.
+        #[test]
+        fn jwt_shaped_strings_are_an_error_not_a_panic(
+            header in "[A-Za-z0-9_=+/-]{0,80}",
+            payload in "[A-Za-z0-9_=+/-]{0,200}",
+            tag in "[A-Za-z0-9_=+/-]{0,60}",
+        ) {
+            let token = format!("{header}.{payload}.{tag}");
+            proptest::prop_assert!(verify(&token, &KEY, "gw-1", 1000, TTL).is_err());
+        }
+
+        /// Behind a valid MAC (reachable only with the key), arbitrary header and claims
+        /// bytes still give an error or claims, never a panic.
+        #[test]
+        fn signed_arbitrary_bytes_never_panic(
+            header in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+            payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            now in proptest::prelude::any::<u64>(),
+        ) {
+            let _outcome = verify(&signed(&header, &payload), &KEY, "gw-1", now, TTL);
+            let _outcome = verify(&signed(HEADER, &payload), &KEY, "gw-1", now, TTL);
+        }
+
+        /// Extreme `iat`, `exp`, clock and lifetime values: no overflow panics.
+        #[test]
+        fn signed_extreme_times_never_panic(
+            iat in proptest::prelude::any::<u64>(),
+            exp in proptest::prelude::any::<u64>(),
+            now in proptest::prelude::any::<u64>(),
+            max_lifetime in proptest::prelude::any::<u64>(),
+        ) {
+            let token = sign(&claims(iat, exp), &KEY);
+            if let Ok(verified) = verify(&token, &KEY, "gw-1", now, max_lifetime) {
+                proptest::prop_assert!(now < verified.exp);
+            }
+        }
+    }
 }
