@@ -52,7 +52,7 @@ use session_log::{RecordRef, Restored, SessionLog};
 use super::deadletter::{DeadLetters, DeadReason, NewDeadLetter};
 use crate::buffer::{Delivery, SinkBuffer};
 use crate::commands::CommandDispatcher;
-use crate::config::MqttSinkConfig;
+use crate::config::{MqttProtocol, MqttSinkConfig};
 use crate::pipeline::WeakIntake;
 use crate::sources::directory::DeviceDirectory;
 use crate::sources::now_ms;
@@ -340,8 +340,17 @@ impl MqttSink<'_> {
             payload: Bytes::from(payload),
             qos: 2,
             retain: deliveries.len() == 1 && first.kind == EventKind::Status,
-            event_id: (deliveries.len() == 1).then(|| first.id().to_string()),
+            event_id: if deliveries.len() == 1 {
+                self.user_property_id(first)
+            } else {
+                None
+            },
         }
+    }
+
+    /// The event id as it travels in the MQTT 5 user property `id` (3.1.1 has none).
+    fn user_property_id(&self, event: &Event) -> Option<String> {
+        (self.config.protocol == MqttProtocol::V5).then(|| event.id().to_string())
     }
 
     /// Writes pending session-log lines; called before the packets they describe go out
@@ -557,6 +566,7 @@ impl MqttSink<'_> {
         );
     }
 
+    /// Encodes the PUBLISH (first send or resend) or PUBREL of an in-flight publish.
     fn write_resend(&mut self, resend: Resend, connection: &mut Connection) {
         match resend {
             Resend::Release { id } => self.codec.write_pubrel(id, &mut connection.outgoing),
@@ -573,13 +583,14 @@ impl MqttSink<'_> {
                     id,
                     event_id: message.event_id.as_deref(),
                 };
-                // It fitted when first sent; a smaller limit now is the broker's change
-                // of mind, and a refusal will come back as a reason code or a disconnect.
+                // Its size was checked against the limit before its first send; a smaller
+                // limit now is the broker's change of mind, and a refusal comes back as a
+                // reason code or a disconnect.
                 if let Err(err) =
                     self.codec
                         .write_publish(&publish, usize::MAX, &mut connection.outgoing)
                 {
-                    tracing::error!(sink = self.buffer.sink(), error = %err, "cannot resend");
+                    tracing::error!(sink = self.buffer.sink(), error = %err, "cannot encode publish");
                 }
             }
         }
@@ -864,7 +875,7 @@ impl MqttSink<'_> {
             payload: Bytes::from(payload),
             qos,
             retain,
-            event_id: Some(delivery.event.id().to_string()),
+            event_id: self.user_property_id(&delivery.event),
         };
         self.publish(message, vec![delivery], connection).await;
     }
@@ -1006,12 +1017,8 @@ impl MqttSink<'_> {
             }
             return;
         }
-        let topic = message.topic.clone();
-        let payload = message.payload.clone();
-        let event_id = message.event_id.clone();
-        let (qos, retain) = (message.qos, message.retain);
         let records: Vec<RecordRef> = match (&carried, &self.qos2_log) {
-            (Carried::Records(deliveries), Some(_)) if qos == 2 => deliveries
+            (Carried::Records(deliveries), Some(_)) if message.qos == 2 => deliveries
                 .iter()
                 .map(|delivery| (delivery.lane, delivery.id))
                 .collect(),
@@ -1033,21 +1040,8 @@ impl MqttSink<'_> {
         if let Some(log) = self.qos2_log.as_mut().filter(|_| !records.is_empty()) {
             log.sent(id, &records);
         }
-        let publish = PublishOut {
-            topic: &topic,
-            payload: &payload,
-            qos,
-            retain,
-            dup: false,
-            id,
-            event_id: event_id.as_deref(),
-        };
-        if let Err(err) = self
-            .codec
-            .write_publish(&publish, usize::MAX, &mut connection.outgoing)
-        {
-            tracing::error!(sink = self.buffer.sink(), error = %err, "cannot encode publish");
-        }
+        // Encoded from the in-flight entry, as a resend would be: no copy of the message.
+        self.write_resend(Resend::Publish { id, dup: false }, connection);
     }
 
     /// Queues the retained gateway status; false when the window is full.
