@@ -28,11 +28,9 @@ use common::fake_broker::{
 };
 use common::{
     BrokerOptions, Collector, Device, Gateway, GatewayConfig, Mosquitto, Msg, Subscriber,
-    data_message, eventually, fieldgate_bin, free_port,
+    api_request, data_message, eventually, fieldgate_bin, free_port,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Default bound of a wait in this file.
@@ -355,63 +353,11 @@ async fn metric_or_zero(gateway: &Gateway, name: &str, labels: &[(&str, &str)]) 
 /// One HTTP/1.1 request with the admin token; returns the status and the JSON body
 /// (Null when the body is not JSON).
 async fn api(addr: SocketAddr, method: &str, path: &str) -> (u16, Value) {
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Content-Type: application/json\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    api_raw(addr, &request).await
+    api_request(addr, method, path, Some(ADMIN), None).await
 }
 
 async fn api_json(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
-    let body = body.to_string();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    api_raw(addr, &request).await
-}
-
-async fn api_raw(addr: SocketAddr, request: &str) -> (u16, Value) {
-    let io = async {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(request.as_bytes()).await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        Ok::<_, std::io::Error>(response)
-    };
-    let response = tokio::time::timeout(Duration::from_secs(10), io)
-        .await
-        .unwrap_or_else(|_| panic!("no API answer to {request:?} within 10 s"))
-        .unwrap_or_else(|e| panic!("API request failed: {e}"));
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let json = serde_json::from_str(body)
-        .or_else(|_| serde_json::from_str(&dechunk(body)))
-        .unwrap_or(Value::Null);
-    (status, json)
-}
-
-/// Undoes `Transfer-Encoding: chunked` (best effort).
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if size == 0 || tail.len() < size {
-            break;
-        }
-        out.push_str(&tail[..size]);
-        rest = tail[size..].trim_start_matches("\r\n");
-    }
-    out
+    api_request(addr, method, path, Some(ADMIN), Some(body)).await
 }
 
 /// The sink's dead letters via the API.

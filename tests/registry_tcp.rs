@@ -7,10 +7,11 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::{Device, Gateway, GatewayConfig, Mosquitto, Pki, Subscriber, free_port, tls_device};
+use common::{
+    Device, Gateway, GatewayConfig, Mosquitto, Pki, Subscriber, api_request, free_port, tls_device,
+};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::time::Instant;
 
 const ADMIN: &str = "admin-secret-for-tests";
@@ -38,33 +39,7 @@ async fn start_with(broker: u16, tail: &str) -> Gateway {
 
 /// One HTTP/1.1 request with the admin token; returns the status and the JSON body.
 async fn api(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|value| value.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("API answered in time")
-        .expect("read response");
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str(body).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    api_request(addr, method, path, Some(ADMIN), body.as_ref()).await
 }
 
 /// Adds a device through the admin API and returns its secret and access token.

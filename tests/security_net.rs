@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Device, Gateway, Pki, eventually, eventually_async, free_port, tls_device};
+use common::{
+    Device, Gateway, Pki, api_request, eventually, eventually_async, free_port,
+    parse_http_response, raw_http, tls_device,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -57,46 +60,18 @@ fn config(ports: &Ports, api: &str, source: &str, inputs: &str, tail: &str) -> S
 
 /// Parses an HTTP/1.1 response's status and JSON body.
 fn parse_response(response: &[u8]) -> (u16, Value) {
-    let text = String::from_utf8_lossy(response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str(body).ok())
-        .unwrap_or(Value::Null);
+    let (status, _, json) = parse_http_response(response);
     (status, json)
 }
 
 /// One HTTP/1.1 request (`Connection: close`) with the admin token and a JSON body.
 async fn api(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|value| value.to_string()).unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let (status, _, json) = raw_request(addr, request.as_bytes()).await;
-    (status, json)
+    api_request(addr, method, path, Some(ADMIN), body.as_ref()).await
 }
 
 /// Sends raw request bytes, reads to EOF; returns status, the raw text and the JSON body.
 async fn raw_request(addr: SocketAddr, request: &[u8]) -> (u16, String, Value) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
-    stream.write_all(request).await.expect("send request");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("API answered in time")
-        .expect("read response");
-    let (status, json) = parse_response(&response);
-    (
-        status,
-        String::from_utf8_lossy(&response).into_owned(),
-        json,
-    )
+    raw_http(addr, request).await
 }
 
 /// Adds a device through the admin API and returns its secret and access token.

@@ -7,9 +7,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Device, Gateway, GatewayConfig, Mosquitto, free_port};
+use common::{
+    Device, Gateway, GatewayConfig, Mosquitto, exchange, free_port, http_request,
+    parse_http_response,
+};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpSocket;
 
 const ADMIN: &str = "admin-secret-for-security-tests";
@@ -52,38 +54,14 @@ async fn request_from(
     bearer: Option<&str>,
     body: Option<Value>,
 ) -> (u16, String, Value) {
-    let body = body.map(|value| value.to_string()).unwrap_or_default();
-    let auth = bearer
-        .map(|token| format!("Authorization: Bearer {token}\r\n"))
-        .unwrap_or_default();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = http_request(method, path, bearer, body.as_ref());
     let socket = TcpSocket::new_v4().expect("socket");
     socket
         .bind(SocketAddr::from((from, 0)))
         .expect("bind a loopback source address");
     let mut stream = socket.connect(api).await.expect("connect to the API");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("API answered in time")
-        .expect("read response");
-    let text = String::from_utf8_lossy(&response).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let json = serde_json::from_str(body).unwrap_or(Value::Null);
-    (status, head.to_owned(), json)
+    let (_, text, _) = exchange(&mut stream, request.as_bytes()).await;
+    parse_http_response(text.as_bytes())
 }
 
 /// An admin request from 127.0.0.1.

@@ -11,9 +11,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Gateway, Pki, data_message, free_port};
+use common::{Gateway, Pki, api_request, data_message, free_port};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout};
@@ -84,33 +84,7 @@ fn device_addr(config: &str) -> SocketAddr {
 
 /// One admin API request; returns the status and the JSON body.
 async fn admin(addr: SocketAddr, method: &str, path: &str, body: &Value) -> (u16, Value) {
-    let body = body.to_string();
-    let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: test\r\nAuthorization: Bearer {ADMIN}\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .expect("send request");
-    let mut response = Vec::new();
-    timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
-        .await
-        .expect("API answered in time")
-        .expect("read response");
-    let text = String::from_utf8_lossy(&response);
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    let json = text
-        .split_once("\r\n\r\n")
-        .and_then(|(_, body)| serde_json::from_str(body).ok())
-        .unwrap_or(Value::Null);
-    (status, json)
+    api_request(addr, method, path, Some(ADMIN), Some(body)).await
 }
 
 /// Provisions `id` and returns its access JWT.

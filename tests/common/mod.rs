@@ -347,6 +347,95 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Str
     Ok((status, body))
 }
 
+/// An HTTP/1.1 response read to EOF: its status (0 when unreadable), its head, and its body
+/// as JSON (`Null` when it is not JSON; a chunked body is undone first).
+pub fn parse_http_response(response: &[u8]) -> (u16, String, Value) {
+    let text = String::from_utf8_lossy(response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let json = serde_json::from_str(body)
+        .or_else(|_| serde_json::from_str(&dechunk(body)))
+        .unwrap_or(Value::Null);
+    (status, head.to_owned(), json)
+}
+
+/// Undoes `Transfer-Encoding: chunked` (best effort).
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if size == 0 || tail.len() < size {
+            break;
+        }
+        out.push_str(&tail[..size]);
+        rest = tail[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// An HTTP/1.1 request (`Connection: close`, JSON body, optional bearer token).
+pub fn http_request(
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&Value>,
+) -> String {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    let auth = bearer
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sends raw request bytes to `addr` and reads the answer to EOF, within 10 s; returns the
+/// status, the whole response text and the JSON body.
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String, Value) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the API");
+    exchange(&mut stream, request).await
+}
+
+/// Writes `request` on `stream` and reads the answer to EOF, within 10 s; returns the
+/// status, the whole response text and the JSON body.
+pub async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (u16, String, Value) {
+    stream.write_all(request).await.expect("send request");
+    let mut response = Vec::new();
+    timeout(Duration::from_secs(10), stream.read_to_end(&mut response))
+        .await
+        .expect("API answered in time")
+        .expect("read response");
+    let (status, _, json) = parse_http_response(&response);
+    (
+        status,
+        String::from_utf8_lossy(&response).into_owned(),
+        json,
+    )
+}
+
+/// One API request with a JSON body and an optional bearer token; returns the status and
+/// the JSON body.
+pub async fn api_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: Option<&Value>,
+) -> (u16, Value) {
+    let request = http_request(method, path, bearer, body);
+    let (status, _, json) = raw_http(addr, request.as_bytes()).await;
+    (status, json)
+}
+
 /// One sample of a Prometheus text exposition.
 #[derive(Clone, Debug)]
 pub struct Sample {
