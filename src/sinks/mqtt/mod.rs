@@ -298,7 +298,7 @@ impl MqttSink<'_> {
                 }
                 continue;
             }
-            let message = self.message_for(&deliveries);
+            let message = self.message_for(&deliveries, 2);
             self.inflight
                 .restore(id, publish.step, message, Carried::Records(deliveries));
             resumed += 1;
@@ -317,34 +317,42 @@ impl MqttSink<'_> {
         );
     }
 
-    /// The publish that carries `deliveries` (one event, or a batch on one topic).
-    fn message_for(&self, deliveries: &[Delivery]) -> Message {
+    /// The publish that carries `deliveries`: one event on its own topic (always without
+    /// batching, and for status events, which are retained per device), or else a batch, a
+    /// JSON array on the batch topic of its first event (a run shares that topic).
+    fn message_for(&self, deliveries: &[Delivery], qos: u8) -> Message {
         let first = &deliveries[0].event;
-        let mut payload = Vec::new();
-        let topic = if deliveries.len() == 1 {
+        let single = self.config.batch_max_events <= 1 || first.kind == EventKind::Status;
+        let mut payload = Vec::with_capacity(first.payload.len() + 160);
+        if single {
             write_event(self.config.format, first, &mut payload);
-            self.config.topic.render(&self.context.gateway, first)
-        } else {
-            write_batch(
-                self.config.format,
-                deliveries.iter().map(|delivery| &delivery.event),
-                &mut payload,
-            );
-            match &self.config.batch_topic {
-                Some(template) => template.render(&self.context.gateway, first),
-                None => self.config.topic.render(&self.context.gateway, first),
-            }
-        };
+            return Message {
+                topic: self.config.topic.render(&self.context.gateway, first),
+                payload: Bytes::from(payload),
+                qos,
+                retain: first.kind == EventKind::Status,
+                event_id: self.user_property_id(first),
+            };
+        }
+        write_batch(
+            self.config.format,
+            deliveries.iter().map(|delivery| &delivery.event),
+            &mut payload,
+        );
         Message {
-            topic,
+            topic: self.batch_topic(first),
             payload: Bytes::from(payload),
-            qos: 2,
-            retain: deliveries.len() == 1 && first.kind == EventKind::Status,
-            event_id: if deliveries.len() == 1 {
-                self.user_property_id(first)
-            } else {
-                None
-            },
+            qos,
+            retain: false,
+            event_id: None,
+        }
+    }
+
+    /// The topic of a batch starting with `event`.
+    fn batch_topic(&self, event: &Event) -> String {
+        match &self.config.batch_topic {
+            Some(template) => template.render(&self.context.gateway, event),
+            None => self.config.topic.render(&self.context.gateway, event),
         }
     }
 
@@ -862,21 +870,8 @@ impl MqttSink<'_> {
 
     /// Publishes one event on its own topic.
     async fn publish_one(&mut self, delivery: Delivery, connection: &mut Connection) {
-        let topic = self
-            .config
-            .topic
-            .render(&self.context.gateway, &delivery.event);
-        let retain = delivery.event.kind == EventKind::Status;
         let qos = self.config.qos_for(delivery.event.kind).0;
-        let mut payload = Vec::with_capacity(delivery.event.payload.len() + 160);
-        write_event(self.config.format, &delivery.event, &mut payload);
-        let message = Message {
-            topic,
-            payload: Bytes::from(payload),
-            qos,
-            retain,
-            event_id: self.user_property_id(&delivery.event),
-        };
+        let message = self.message_for(std::slice::from_ref(&delivery), qos);
         self.publish(message, vec![delivery], connection).await;
     }
 
@@ -894,7 +889,7 @@ impl MqttSink<'_> {
             if delivery.event.kind == EventKind::Status {
                 // Status events are retained per device and never batched.
                 if !group.is_empty() {
-                    self.publish_group(&group_topic, std::mem::take(&mut group), connection)
+                    self.publish_group(std::mem::take(&mut group), connection)
                         .await;
                 }
                 if self.inflight.room() == 0 {
@@ -905,15 +900,9 @@ impl MqttSink<'_> {
                 taken += 1;
                 continue;
             }
-            let topic = match &self.config.batch_topic {
-                Some(template) => template.render(&self.context.gateway, &delivery.event),
-                None => self
-                    .config
-                    .topic
-                    .render(&self.context.gateway, &delivery.event),
-            };
+            let topic = self.batch_topic(&delivery.event);
             if !group.is_empty() && topic != group_topic {
-                self.publish_group(&group_topic, std::mem::take(&mut group), connection)
+                self.publish_group(std::mem::take(&mut group), connection)
                     .await;
                 if self.inflight.room() == 0 {
                     self.held.push_front(delivery);
@@ -925,34 +914,17 @@ impl MqttSink<'_> {
             taken += 1;
         }
         if !group.is_empty() {
-            self.publish_group(&group_topic, group, connection).await;
+            self.publish_group(group, connection).await;
         }
     }
 
-    async fn publish_group(
-        &mut self,
-        topic: &str,
-        group: Vec<Delivery>,
-        connection: &mut Connection,
-    ) {
+    async fn publish_group(&mut self, group: Vec<Delivery>, connection: &mut Connection) {
         let qos = group
             .iter()
             .map(|delivery| self.config.qos_for(delivery.event.kind).0)
             .max()
             .unwrap_or(self.config.qos.0);
-        let mut payload = Vec::new();
-        write_batch(
-            self.config.format,
-            group.iter().map(|delivery| &delivery.event),
-            &mut payload,
-        );
-        let message = Message {
-            topic: topic.to_owned(),
-            payload: Bytes::from(payload),
-            qos,
-            retain: false,
-            event_id: None,
-        };
+        let message = self.message_for(&group, qos);
         self.publish(message, group, connection).await;
     }
 
