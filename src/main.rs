@@ -6,15 +6,17 @@ mod api;
 mod buffer;
 mod cli_deadletter;
 mod cli_devices;
-mod commands;
+mod clock;
 mod config;
 mod data_dir;
+mod devices;
+mod net;
 mod pipeline;
-mod registry;
 mod sinks;
 mod sources;
 mod telemetry;
 mod topology;
+mod transforms;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +39,9 @@ enum Command {
         /// 127.0.0.1:8080, events to ./data/sinks/local/*.ndjson and the console.
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Reload the config whenever the --config file changes (as `kill -HUP` does).
+        #[arg(long, requires = "config")]
+        watch: bool,
     },
     /// Validate a config file and exit: 0 when valid, 1 with file, line and key otherwise.
     Check {
@@ -54,13 +59,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { file } => match config::load(&file) {
+        Command::Check { file } => match config::load::<topology::Components>(&file) {
             Ok(config) => {
                 println!(
-                    "{}: ok ({} source(s), {} sink(s))",
+                    "{}: ok ({} source(s), {} transform(s), {} sink(s))",
                     file.display(),
-                    config.sources.len(),
-                    config.sinks.len()
+                    config.components.sources.len(),
+                    config.components.transforms.len(),
+                    config.components.sinks.len()
                 );
                 ExitCode::SUCCESS
             }
@@ -75,8 +81,11 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Run { config: path } => {
-            let loaded = match &path {
+        Command::Run {
+            config: path,
+            watch,
+        } => {
+            let loaded: Result<topology::Config, _> = match &path {
                 Some(path) => config::load(path),
                 None => config::parse("<embedded default>", config::DEFAULT_CONFIG, |var| {
                     std::env::var(var).ok()
@@ -89,7 +98,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            telemetry::logging::init(&config.log);
+            telemetry::logging::init(&config.settings.log);
             if rustls::crypto::ring::default_provider()
                 .install_default()
                 .is_err()
@@ -106,7 +115,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let outcome = runtime.block_on(topology::run(config));
+            let options = topology::RunOptions {
+                config_path: path,
+                watch,
+            };
+            let outcome = runtime.block_on(topology::run(config, options));
             // Everything that holds data has finished by now; do not wait for idle
             // blocking-pool threads or lingering API connections.
             runtime.shutdown_timeout(std::time::Duration::from_millis(200));

@@ -15,7 +15,7 @@ use super::admin::Admin;
 use super::extract::{ApiJson, ApiPath, JsonResponse, ok};
 use super::problem::{ApiError, Problem};
 use super::v1::V1State;
-use crate::sources::now_ms;
+use crate::clock::now_ms;
 
 /// Longest time a command may wait for its device.
 const MAX_COMMAND_TTL: Duration = Duration::from_secs(30 * 24 * 3600);

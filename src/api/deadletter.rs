@@ -7,7 +7,7 @@
 //! - `DELETE /api/v1/deadletter/{sink}`: drops them for good; answers how many.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -33,7 +33,7 @@ pub type SinkDeadLetters = (Arc<DeadLetters>, Arc<SinkBuffer>);
 /// What the dead-letter handlers share.
 pub struct DeadLetterApi {
     admin: Arc<AdminAuth>,
-    sinks: OnceLock<BTreeMap<String, SinkDeadLetters>>,
+    sinks: RwLock<BTreeMap<String, SinkDeadLetters>>,
 }
 
 impl DeadLetterApi {
@@ -41,15 +41,16 @@ impl DeadLetterApi {
     pub fn new(admin: Arc<AdminAuth>) -> Self {
         Self {
             admin,
-            sinks: OnceLock::new(),
+            sinks: RwLock::new(BTreeMap::new()),
         }
     }
 
-    /// Makes the sinks' stores reachable (once, when they are open).
+    /// Makes the sinks' stores reachable (at start-up and after every reload).
     pub fn attach(&self, sinks: BTreeMap<String, SinkDeadLetters>) {
-        if self.sinks.set(sinks).is_err() {
-            tracing::warn!("dead-letter stores attached twice; keeping the first");
-        }
+        *self
+            .sinks
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = sinks;
     }
 
     fn authorize(&self, ip: ClientIp, headers: &HeaderMap) -> Result<(), ApiError> {
@@ -58,8 +59,9 @@ impl DeadLetterApi {
 
     fn sink(&self, name: &str) -> Result<SinkDeadLetters, ApiError> {
         self.sinks
-            .get()
-            .and_then(|sinks| sinks.get(name))
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
             .map(|(store, buffer)| (Arc::clone(store), Arc::clone(buffer)))
             .ok_or_else(|| {
                 ApiError::new(

@@ -24,10 +24,12 @@ use utoipa::ToSchema;
 use super::extract::{ApiPath, ClientIp, JsonResponse, bearer};
 use super::problem::{ApiError, MAX_ECHO, Problem, truncated};
 use super::v1::{DEVICE_SOURCE, V1State};
+use crate::clock::now_ms;
 use crate::pipeline::{AckOutcome, SourceOutput};
-use crate::sources::now_ms;
 
-pub use crate::config::HTTP_SOURCE;
+/// The name of the HTTP ingestion source (`POST /api/v1/devices/{id}/telemetry`) that
+/// sinks list in `inputs`; there with `[registry]`.
+pub const HTTP_SOURCE: &str = "http";
 /// Largest request body.
 pub const MAX_BODY: usize = 1024 * 1024;
 /// Most events in one request.
@@ -142,23 +144,22 @@ pub async fn telemetry(
     }
 
     let Some(output) = state.ingest.current() else {
-        return Err(if state.ingest_enabled {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "not_ready",
-                "Not ready",
-                "the gateway is starting or stopping",
-            )
-            .with_retry_after(Duration::from_secs(1))
-        } else {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "ingest_disabled",
-                "Ingestion disabled",
-                format!("no sink lists {HTTP_SOURCE:?} in `inputs`"),
-            )
-        });
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "Not ready",
+            "the gateway is starting or stopping",
+        )
+        .with_retry_after(Duration::from_secs(1)));
     };
+    if !output.has_targets() {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "ingest_disabled",
+            "Ingestion disabled",
+            format!("no sink or transform lists {HTTP_SOURCE:?} in `inputs`"),
+        ));
+    }
 
     let too_large = || {
         ApiError::new(

@@ -1,6 +1,7 @@
 //! The HTTP API: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (listeners bound
 //! and buffers open), and the admin-only `/debug/pprof/*` routes of
-//! [`crate::telemetry::profiling::http`]; with `[registry]`, the device registry's
+//! [`crate::telemetry::profiling::http`], the running config and its reload
+//! ([`config`]), dead letters ([`deadletter`]); with `[registry]`, the device registry's
 //! `/api/v1` routes of [`v1`].
 //!
 //! Invariants: a client gets `header_timeout` to send a request's headers (also while a
@@ -12,6 +13,7 @@
 
 pub mod admin;
 pub mod commands;
+pub mod config;
 pub mod deadletter;
 pub mod devices;
 pub mod extract;
@@ -43,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ApiConfig;
-use crate::sources::limits::{FdReserve, FdUser};
+use crate::net::limits::{FdReserve, FdUser};
 
 use crate::telemetry::Metrics;
 use crate::telemetry::profiling::http::{self as debug_routes, DebugState};
@@ -60,6 +62,8 @@ pub struct ApiState {
     pub v1: Option<Arc<v1::V1State>>,
     /// `/api/v1/deadletter/{sink}`.
     pub deadletter: Arc<deadletter::DeadLetterApi>,
+    /// `/api/v1/config` and its reload.
+    pub config: Arc<config::ConfigApi>,
 }
 
 impl ApiState {
@@ -83,6 +87,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(Arc::clone(&state))
         .merge(v1_routes)
         .merge(deadletter::router(Arc::clone(&state.deadletter)))
+        .merge(config::router(Arc::clone(&state.config)))
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> impl IntoResponse {

@@ -73,7 +73,6 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
     let v1 = Arc::new(V1State::with_throttle(
         Arc::new(registry),
         Arc::clone(&admin),
-        true,
         Arc::clone(&metrics),
         throttle,
     ));
@@ -85,7 +84,13 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
             profiler: Arc::new(CpuProfiler::new(tokio_util::sync::CancellationToken::new())),
         }),
         v1: Some(Arc::clone(&v1)),
-        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(admin)),
+        deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(Arc::clone(
+            &admin,
+        ))),
+        config: Arc::new(crate::api::config::ConfigApi::new(
+            admin,
+            tokio::sync::mpsc::channel(1).0,
+        )),
     });
     Harness {
         app: router(state),
@@ -738,7 +743,10 @@ async fn commands_queue_idempotently() {
 async fn telemetry_enters_the_pipeline_with_a_valid_jwt() {
     let h = harness();
     let (intake, mut receiver) = intake();
-    h.v1.ingest.open(SourceOutput::new(vec![intake]));
+    h.v1.ingest
+        .open(SourceOutput::new(vec![crate::pipeline::Target::Sink(
+            intake,
+        )]));
     let stored = tokio::spawn(async move {
         let mut events = Vec::new();
         while let Some(item) = receiver.normal.recv().await {
@@ -837,7 +845,10 @@ async fn telemetry_enters_the_pipeline_with_a_valid_jwt() {
 async fn telemetry_body_is_capped() {
     let h = harness();
     let (intake, _receiver) = intake();
-    h.v1.ingest.open(SourceOutput::new(vec![intake]));
+    h.v1.ingest
+        .open(SourceOutput::new(vec![crate::pipeline::Target::Sink(
+            intake,
+        )]));
     let created = h
         .admin(Method::POST, "/api/v1/devices", Some(json!({"id": "big"})))
         .await;
@@ -911,7 +922,10 @@ async fn brute_force_is_throttled_per_address_and_device_address() {
         .unwrap_or("")
         .to_owned();
     let (intake, mut receiver) = intake();
-    h.v1.ingest.open(SourceOutput::new(vec![intake]));
+    h.v1.ingest
+        .open(SourceOutput::new(vec![crate::pipeline::Target::Sink(
+            intake,
+        )]));
     let _drain = tokio::spawn(async move {
         while let Some(item) = receiver.normal.recv().await {
             if let Some(ack) = item.ack {
@@ -1032,6 +1046,10 @@ async fn routes_are_absent_without_a_registry() {
         deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(Arc::new(
             super::admin::AdminAuth::new(None, &metrics),
         ))),
+        config: Arc::new(crate::api::config::ConfigApi::new(
+            Arc::new(super::admin::AdminAuth::new(None, &metrics)),
+            tokio::sync::mpsc::channel(1).0,
+        )),
     });
     let response = router(state)
         .oneshot(

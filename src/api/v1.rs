@@ -21,7 +21,7 @@ use super::admin::AdminAuth;
 use super::ingest::{self, HTTP_SOURCE, IngestOutput};
 use super::problem::ApiError;
 use super::{commands, devices, openapi, provisioning, registration};
-use crate::commands::CommandDispatcher;
+use crate::devices::commands::CommandDispatcher;
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::SourceLabel;
 
@@ -36,9 +36,7 @@ pub struct V1State {
     /// answer 404.
     pub admin: Arc<AdminAuth>,
     /// Where `POST /api/v1/devices/{id}/telemetry` sends events.
-    pub ingest: IngestOutput,
-    /// Whether a sink lists `"http"` in `inputs`.
-    pub ingest_enabled: bool,
+    pub ingest: Arc<IngestOutput>,
     /// `Event::source` of ingested events.
     pub source_name: Arc<str>,
     /// `fieldgate_received_events_total{source="http"}`.
@@ -51,26 +49,14 @@ pub struct V1State {
 
 impl V1State {
     /// State over `registry`, with default throttles.
-    pub fn new(
-        registry: Arc<Registry>,
-        admin: Arc<AdminAuth>,
-        ingest_enabled: bool,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        Self::with_throttle(
-            registry,
-            admin,
-            ingest_enabled,
-            metrics,
-            ThrottleConfig::default(),
-        )
+    pub fn new(registry: Arc<Registry>, admin: Arc<AdminAuth>, metrics: Arc<Metrics>) -> Self {
+        Self::with_throttle(registry, admin, metrics, ThrottleConfig::default())
     }
 
     /// State with a custom throttle policy (tests).
     pub fn with_throttle(
         registry: Arc<Registry>,
         admin: Arc<AdminAuth>,
-        ingest_enabled: bool,
         metrics: Arc<Metrics>,
         throttle: ThrottleConfig,
     ) -> Self {
@@ -83,8 +69,7 @@ impl V1State {
         Self {
             registry,
             admin,
-            ingest: IngestOutput::default(),
-            ingest_enabled,
+            ingest: Arc::new(IngestOutput::default()),
             source_name: Arc::from(HTTP_SOURCE),
             received,
             metrics,

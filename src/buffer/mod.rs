@@ -4,6 +4,7 @@
 //! records in order, high lane first, and acknowledges each one once its upstream did.
 //! A record leaves the disk only after that acknowledgement.
 
+mod config;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +20,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use thiserror::Error;
 use tokio::sync::Notify;
 
-use crate::config::{BufferConfig, BufferKind};
+pub use self::config::{BufferConfig, BufferKind, FsyncPolicy, WhenFull};
 use crate::telemetry::Metrics;
 
 /// A buffer could not be opened.
@@ -458,7 +459,7 @@ mod tests {
     use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat, Priority};
 
     use super::*;
-    use crate::config::{BufferConfig, BufferKind};
+    use crate::buffer::{BufferConfig, BufferKind};
     use crate::telemetry::Metrics;
 
     /// An encoded event record of kind `kind` whose payload is `len` bytes of `fill`.

@@ -15,7 +15,7 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio_util::sync::CancellationToken;
 
 use super::{AppendError, SinkBuffer};
-use crate::config::{FsyncPolicy, WhenFull};
+use super::{FsyncPolicy, WhenFull};
 use crate::pipeline::{IntakeReceiver, Item};
 use crate::telemetry::Metrics;
 
@@ -215,7 +215,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::config::{BufferConfig, BufferKind};
+    use crate::buffer::{BufferConfig, BufferKind};
     use crate::pipeline::{AckOutcome, AckToken, AckWaiter, Intake, intake};
 
     /// Payload bytes of the test events: four of them fit a 1 KiB memory buffer, five not.

@@ -18,7 +18,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// Drops the line for errors about the whole document (a span of 0..0 means "nowhere").
-    pub(super) fn without_line(mut self) -> Self {
+    pub fn without_line(mut self) -> Self {
         self.line = None;
         self
     }
@@ -41,12 +41,29 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 /// The text being parsed, to turn byte spans into lines and keys.
-pub(super) struct Context<'a> {
+pub struct Context<'a> {
+    /// The file's name, as errors show it.
     pub file: &'a str,
+    /// The text after `${VAR}` interpolation.
     pub text: &'a str,
 }
 
+impl Context<'static> {
+    /// A context for errors found after loading (while building the running graph).
+    pub fn running() -> Self {
+        Context {
+            file: "running config",
+            text: "",
+        }
+    }
+}
+
 impl Context<'_> {
+    /// An error about `key` as a whole, without a line (the key may be a default).
+    pub fn key_error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        self.error_at(0..0, key, message.into()).without_line()
+    }
+
     /// An error at `span` about `key`.
     pub fn error_at(&self, span: Range<usize>, key: &str, message: String) -> ConfigError {
         ConfigError {

@@ -65,6 +65,19 @@ impl Intake {
     }
 }
 
+impl Intake {
+    /// Queues `item` if its lane has room; gives it back when the lane is full or closed.
+    pub fn try_send(&self, item: Item) -> Result<(), Item> {
+        let lane = match item.event.priority {
+            Priority::High => &self.high,
+            Priority::Normal => &self.normal,
+        };
+        lane.try_send(item).map_err(|err| match err {
+            mpsc::error::TrySendError::Full(item) | mpsc::error::TrySendError::Closed(item) => item,
+        })
+    }
+}
+
 /// An intake reference that does not keep the pipeline open (for a sink feeding itself).
 #[derive(Clone)]
 pub struct WeakIntake {

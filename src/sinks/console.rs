@@ -3,12 +3,50 @@
 use std::io::Write as _;
 use std::sync::Arc;
 
-use fieldgate_core::envelope::write_event;
+use fieldgate_core::envelope::{OutputFormat, write_event};
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use toml::Spanned;
 
-use crate::buffer::SinkBuffer;
-use crate::config::{ConsoleSinkConfig, OutputFormat};
+use super::{SinkContext, SinkSpec};
+use crate::buffer::{BufferConfig, SinkBuffer};
 use crate::telemetry::Metrics;
+
+/// `[sinks.NAME]` with `type = "console"`: one line per event on stdout.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleSinkConfig {
+    /// Sources to read.
+    pub inputs: Spanned<Vec<String>>,
+    /// Buffer in front of the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Envelope or raw device JSON.
+    #[serde(default)]
+    pub format: OutputFormat,
+}
+
+impl SinkSpec for ConsoleSinkConfig {
+    fn inputs(&self) -> &Spanned<Vec<String>> {
+        &self.inputs
+    }
+
+    fn inputs_mut(&mut self) -> &mut toml::Spanned<Vec<String>> {
+        &mut self.inputs
+    }
+
+    fn buffer(&self) -> &BufferConfig {
+        &self.buffer
+    }
+
+    fn build(&self, context: SinkContext) -> BoxFuture<'static, ()> {
+        let config = self.clone();
+        Box::pin(async move {
+            run(context.buffer, &config, context.metrics, context.stop).await;
+        })
+    }
+}
 
 /// Events written per stdout flush.
 const BATCH: usize = 256;

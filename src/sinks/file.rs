@@ -12,12 +12,77 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fieldgate_core::envelope::write_event;
+use fieldgate_core::envelope::{OutputFormat, write_event};
+use futures_util::future::BoxFuture;
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use toml::Spanned;
 
-use crate::buffer::{SinkBuffer, blocking};
-use crate::config::{FileSinkConfig, OutputFormat};
+use super::{SinkContext, SinkSpec};
+use crate::buffer::{BufferConfig, SinkBuffer, blocking};
+use crate::config::ByteSize;
 use crate::telemetry::Metrics;
+
+/// `[sinks.NAME]` with `type = "file"`: rotating NDJSON files.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSinkConfig {
+    /// Sources to read.
+    pub inputs: Spanned<Vec<String>>,
+    /// Buffer in front of the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Output directory; `<data_dir>/sinks/<name>` when absent.
+    pub directory: Option<PathBuf>,
+    /// Rotate after this many bytes.
+    #[serde(default = "default_max_file_size")]
+    pub max_file_size: ByteSize,
+    /// Keep this many files; the oldest is deleted on rotation.
+    #[serde(default = "default_max_files")]
+    pub max_files: usize,
+    /// Envelope or raw device JSON.
+    #[serde(default)]
+    pub format: OutputFormat,
+}
+
+fn default_max_file_size() -> ByteSize {
+    ByteSize(64 * 1024 * 1024)
+}
+fn default_max_files() -> usize {
+    10
+}
+
+impl SinkSpec for FileSinkConfig {
+    fn inputs(&self) -> &Spanned<Vec<String>> {
+        &self.inputs
+    }
+
+    fn inputs_mut(&mut self) -> &mut toml::Spanned<Vec<String>> {
+        &mut self.inputs
+    }
+
+    fn buffer(&self) -> &BufferConfig {
+        &self.buffer
+    }
+
+    fn build(&self, context: SinkContext) -> BoxFuture<'static, ()> {
+        let directory = self
+            .directory
+            .clone()
+            .unwrap_or_else(|| context.data_dir.join("sinks").join(&context.name));
+        let config = self.clone();
+        Box::pin(async move {
+            run(
+                context.buffer,
+                &config,
+                directory,
+                context.metrics,
+                context.stop,
+            )
+            .await;
+        })
+    }
+}
 
 /// Events written per write call.
 const BATCH: usize = 512;
@@ -440,7 +505,7 @@ mod tests {
         let buffer = Arc::new(
             SinkBuffer::open(
                 "local",
-                &crate::config::BufferConfig::default(),
+                &BufferConfig::default(),
                 &dir.path().join("data"),
                 Arc::clone(&metrics),
             )

@@ -1,50 +1,77 @@
-//! Sources: where events enter the gateway. Each turns device traffic into [`Event`]s
-//! and hands them to its [`crate::pipeline::SourceOutput`].
+//! Sources: where events enter the gateway. Each turns device traffic (or the gateway's
+//! own: HTTP ingestion, command results) into [`Event`]s and hands them to its
+//! [`SourceOutput`].
+//!
+//! A source's config type lives in its module and implements [`SourceSpec`]; adding a
+//! source type is one module plus one line in [`SourceConfig`]'s list.
 //!
 //! [`Event`]: fieldgate_core::Event
 
-pub mod directory;
-pub mod limits;
+pub mod commands;
+pub mod http;
 pub mod tcp;
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use fieldgate_registry::{AuthThrottle, Registry};
+use futures_util::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
 
-use self::directory::DeviceDirectory;
-use self::limits::{FdReserve, PartialFrameBudget};
-use crate::commands::CommandDispatcher;
+use crate::api::ingest::IngestOutput;
+use crate::config::{ConfigError, Context, ListenerClaims, Settings};
+use crate::devices::DeviceServices;
+use crate::net::tls::ReloadableTls;
+use crate::pipeline::SourceOutput;
+use crate::telemetry::Metrics;
 
-/// What every source shares about devices beyond its own connections.
-pub struct DeviceServices {
-    /// Connected devices, for commands and revocation.
-    pub directory: Arc<DeviceDirectory>,
-    /// Registered devices and their credentials, when `[registry]` is configured.
-    pub registry: Option<Arc<Registry>>,
-    /// Command queue and delivery, when the registry is configured.
-    pub commands: Option<Arc<CommandDispatcher>>,
-    /// Growing delays after failed authentications, per peer address and per device.
-    pub throttle: AuthThrottle,
-    /// The throttle's clock origin.
-    pub started: tokio::time::Instant,
-    /// Bytes all connections together may hold in unfinished frames.
-    pub frame_budget: PartialFrameBudget,
-    /// File descriptors kept free; shared with the API listener.
-    pub fds: Arc<FdReserve>,
+crate::config::component_types! {
+    /// `[sources.NAME]`, by `type`.
+    SourceConfig: dyn SourceSpec, "source";
+    "tcp" => Tcp(tcp::TcpSourceConfig),
+    "http" => Http(http::HttpSourceConfig),
+    "commands" => Commands(commands::CommandsSourceConfig),
 }
 
-impl DeviceServices {
-    /// Time since start-up, the throttle's clock.
-    pub fn uptime(&self) -> std::time::Duration {
-        self.started.elapsed()
-    }
+/// What every source config offers the graph.
+pub trait SourceSpec {
+    /// Checks the source alone and against the gateway-wide settings; claims its
+    /// listen address.
+    fn check(
+        &self,
+        name: &str,
+        settings: &Settings,
+        listeners: &mut ListenerClaims<'_>,
+        context: &Context<'_>,
+    ) -> Result<(), ConfigError>;
+
+    /// The largest payload one of its events can carry, for the buffer-size check.
+    fn largest_event(&self) -> u64;
+
+    /// Binds and prepares the source; the returned task runs until `context.stop`.
+    fn build<'a>(
+        &'a self,
+        name: &'a str,
+        context: SourceContext,
+    ) -> BoxFuture<'a, anyhow::Result<RunningSource>>;
 }
 
-/// Milliseconds since the Unix epoch, the gateway's timestamp for received events.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+/// Everything a source gets besides its config.
+pub struct SourceContext {
+    /// Where its events go (the topology swaps the targets on reload).
+    pub output: SourceOutput,
+    /// Sessions, registry, commands, auth throttle and limits.
+    pub services: Arc<DeviceServices>,
+    /// HTTP ingestion's hook into the API, when the API serves it.
+    pub ingest: Option<Arc<IngestOutput>>,
+    /// Metrics registry.
+    pub metrics: Arc<Metrics>,
+    /// Fires when the source must stop.
+    pub stop: CancellationToken,
+}
+
+/// A built source.
+pub struct RunningSource {
+    /// Runs the source until its stop token fires and its connections are closed.
+    pub task: BoxFuture<'static, ()>,
+    /// Its TLS material, re-read in place on reload (connections stay open).
+    pub tls: Option<Arc<ReloadableTls>>,
 }

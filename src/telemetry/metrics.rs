@@ -56,6 +56,36 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+/// `{transform}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransformLabel {
+    /// Transform name from the config.
+    pub transform: String,
+}
+
+/// `{transform, reason}` for events a transform could not apply to (passed unchanged).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransformErrorLabels {
+    /// Transform name from the config.
+    pub transform: String,
+    /// A closed set: `not_json`.
+    pub reason: String,
+}
+
+/// `{result}` of a config reload: `applied`, `unchanged` or `failed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabel {
+    /// What the reload did.
+    pub result: String,
+}
+
+/// `{hash}` of the running config.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HashLabel {
+    /// SHA-256 of the config text, hex.
+    pub hash: String,
+}
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -90,6 +120,16 @@ pub struct Metrics {
     pub tasks: Gauge,
     /// Connections refused or closed by a defence, by source and reason.
     pub refused_connections: Family<RefusalLabels, Counter>,
+    /// `fieldgate_filtered_events_total{transform}`: events a filter dropped on purpose.
+    pub filtered_events: Family<TransformLabel, Counter>,
+    /// `fieldgate_transform_errors_total{transform,reason}`.
+    pub transform_errors: Family<TransformErrorLabels, Counter>,
+    /// `fieldgate_config_reloads_total{result}`.
+    pub config_reloads: Family<ReloadLabel, Counter>,
+    /// `fieldgate_config_hash{hash}`: 1 for the running config.
+    pub config_hash: Family<HashLabel, Gauge>,
+    /// `fieldgate_detached_buffer_bytes{sink}`: buffers of sinks no longer configured.
+    pub detached_buffer_bytes: Family<SinkLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -119,6 +159,11 @@ impl Metrics {
             watchdog_rss_growth: Gauge::default(),
             tasks: Gauge::default(),
             refused_connections: Family::default(),
+            filtered_events: Family::default(),
+            transform_errors: Family::default(),
+            config_reloads: Family::default(),
+            config_hash: Family::default(),
+            detached_buffer_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -197,6 +242,31 @@ impl Metrics {
             "Connections refused or closed by a defence (hello deadline, frame budget, FD reserve, connection cap)",
             metrics.refused_connections.clone(),
         );
+        registry.register(
+            "fieldgate_filtered_events",
+            "Events a filter transform dropped on purpose",
+            metrics.filtered_events.clone(),
+        );
+        registry.register(
+            "fieldgate_transform_errors",
+            "Events a transform could not apply to (passed on unchanged), by reason",
+            metrics.transform_errors.clone(),
+        );
+        registry.register(
+            "fieldgate_config_reloads",
+            "Config reloads by result: applied, unchanged, failed",
+            metrics.config_reloads.clone(),
+        );
+        registry.register(
+            "fieldgate_config_hash",
+            "1 for the SHA-256 of the running config",
+            metrics.config_hash.clone(),
+        );
+        registry.register(
+            "fieldgate_detached_buffer_bytes",
+            "Bytes on disk in buffers of sinks no longer in the config (delete by hand)",
+            metrics.detached_buffer_bytes.clone(),
+        );
         registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
@@ -226,6 +296,47 @@ impl Metrics {
         SinkLabel {
             sink: name.to_owned(),
         }
+    }
+
+    /// The counter of events the filter `transform` dropped.
+    pub fn filtered(&self, transform: &str) -> Counter {
+        self.filtered_events
+            .get_or_create(&TransformLabel {
+                transform: transform.to_owned(),
+            })
+            .clone()
+    }
+
+    /// The counter of events `transform` could not apply to, for `reason`.
+    pub fn transform_error(&self, transform: &str, reason: &str) -> Counter {
+        self.transform_errors
+            .get_or_create(&TransformErrorLabels {
+                transform: transform.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Counts one reload with `result`; makes sure every result shows from start-up.
+    pub fn reloaded(&self, result: &str) {
+        for known in ["applied", "unchanged", "failed"] {
+            let counter = self.config_reloads.get_or_create(&ReloadLabel {
+                result: known.to_owned(),
+            });
+            if known == result {
+                counter.inc();
+            }
+        }
+    }
+
+    /// Shows `hash` as the running config's (and no other).
+    pub fn set_config_hash(&self, hash: &str) {
+        self.config_hash.clear();
+        self.config_hash
+            .get_or_create(&HashLabel {
+                hash: hash.to_owned(),
+            })
+            .set(1);
     }
 
     /// Counts one connection of `source` refused or closed by a defence, for `reason`.

@@ -15,10 +15,10 @@ use fieldgate_registry::{NewCommand, RegistryError};
 use serde_json::value::RawValue;
 
 use super::MqttSinkContext;
+use crate::clock::now_ms;
+use crate::devices::directory::DeviceCommand;
 use crate::pipeline::Item;
 use crate::sinks::single_wildcard_match;
-use crate::sources::directory::DeviceCommand;
-use crate::sources::now_ms;
 
 /// How long a cloud command waits for its device unless it says `"ttl"`.
 const DEFAULT_COMMAND_TTL: Duration = Duration::from_secs(3600);

@@ -18,13 +18,12 @@
 //! (exactly-once with QoS 2 as long as the gateway keeps running).
 
 mod address;
-mod backoff;
 mod cloud_commands;
+pub mod config;
 mod connection;
 mod packet;
 mod session;
 mod session_log;
-mod tls;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
@@ -42,20 +41,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 pub use address::BrokerAddress;
-use backoff::Backoff;
 use cloud_commands::Accepted;
+pub use config::{MqttProtocol, MqttSinkConfig};
 use connection::{Connection, IoDone, LinkError};
 use packet::{Codec, ConnAckInfo, ConnectOut, Incoming, PublishOut};
 use session::{AckOutcome, Inflight, Message, Resend};
 use session_log::{RecordRef, Restored, SessionLog};
 
 use super::deadletter::{DeadLetters, DeadReason, NewDeadLetter};
-use crate::buffer::{Delivery, SinkBuffer};
-use crate::commands::CommandDispatcher;
-use crate::config::{MqttProtocol, MqttSinkConfig};
+use super::{SinkContext, SinkSpec};
+use crate::buffer::{BufferConfig, Delivery, SinkBuffer};
+use crate::clock::now_ms;
+use crate::devices::commands::CommandDispatcher;
+use crate::devices::directory::DeviceDirectory;
+use crate::net::backoff::Backoff;
 use crate::pipeline::WeakIntake;
-use crate::sources::directory::DeviceDirectory;
-use crate::sources::now_ms;
 use crate::telemetry::Metrics;
 
 /// How long a graceful shutdown waits for the `offline` status to be acked.
@@ -174,8 +174,14 @@ pub async fn run(
     })?;
     let tls = if address.tls {
         Some(
-            tls::client_config(config.tls.as_ref())
-                .map_err(|err| anyhow::anyhow!("sink `{}`: {err}", buffer.sink()))?,
+            crate::net::tls::client_config(
+                config.tls.as_ref().and_then(|tls| tls.ca.as_deref()),
+                config
+                    .tls
+                    .as_ref()
+                    .and_then(|tls| tls.cert.as_deref().zip(tls.key.as_deref())),
+            )
+            .map_err(|err| anyhow::anyhow!("sink `{}`: {err}", buffer.sink()))?,
         )
     } else {
         None
@@ -1094,6 +1100,63 @@ fn is_permanent(code: u8) -> bool {
         | 0x95 // packet too large
         | 0x99 // payload format invalid
     )
+}
+
+impl SinkSpec for MqttSinkConfig {
+    fn inputs(&self) -> &toml::Spanned<Vec<String>> {
+        &self.inputs
+    }
+
+    fn inputs_mut(&mut self) -> &mut toml::Spanned<Vec<String>> {
+        &mut self.inputs
+    }
+
+    fn buffer(&self) -> &BufferConfig {
+        &self.buffer
+    }
+
+    fn check(
+        &self,
+        name: &str,
+        context: &crate::config::Context<'_>,
+    ) -> Result<(), crate::config::ConfigError> {
+        self.check_fields(context, name)
+    }
+
+    fn dead_letters(&self) -> bool {
+        true
+    }
+
+    fn watched_files(&self) -> Vec<PathBuf> {
+        self.tls
+            .iter()
+            .flat_map(|tls| [&tls.ca, &tls.cert, &tls.key])
+            .flatten()
+            .cloned()
+            .collect()
+    }
+
+    fn build(&self, context: SinkContext) -> futures_util::future::BoxFuture<'static, ()> {
+        let config = self.clone();
+        Box::pin(async move {
+            let Some(deadletters) = context.deadletters else {
+                tracing::error!(sink = %context.name, "sink has no dead-letter store");
+                return;
+            };
+            let sink_context = MqttSinkContext {
+                gateway: context.gateway,
+                directory: context.directory,
+                commands: context.commands,
+                intake: context.intake,
+                deadletters,
+                data_dir: context.data_dir,
+                metrics: context.metrics,
+            };
+            if let Err(err) = run(context.buffer, &config, sink_context, context.stop).await {
+                tracing::error!(sink = %context.name, error = %err, "sink failed");
+            }
+        })
+    }
 }
 
 #[cfg(test)]

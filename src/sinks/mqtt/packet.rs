@@ -9,7 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::{QoS as QoS4, v4};
 use rumqttc::v5::mqttbytes::{QoS as QoS5, v5};
 
-use crate::config::MqttProtocol;
+use super::config::MqttProtocol;
 
 /// Largest packet the gateway accepts from the broker (commands are small).
 pub const MAX_INCOMING_PACKET: u32 = 1 << 20;

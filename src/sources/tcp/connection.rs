@@ -9,7 +9,7 @@
 //! `hello_timeout` is closed; a bad frame costs an error frame and a counter, never a
 //! panic, and never affects another connection.
 //!
-//! [`PartialFrameBudget`]: crate::sources::limits::PartialFrameBudget
+//! [`PartialFrameBudget`]: crate::net::limits::PartialFrameBudget
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -24,11 +24,11 @@ use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::SourceShared;
+use super::config::AuthMode;
 use super::stream::DeviceStream;
-use crate::config::AuthMode;
+use crate::clock::now_ms;
+use crate::devices::directory::ConnectionSignal;
 use crate::pipeline::{AckOutcome, AckWaiter};
-use crate::sources::directory::ConnectionSignal;
-use crate::sources::now_ms;
 use crate::telemetry::metrics::ParseLabels;
 
 /// Acks awaited at once; beyond it the connection stops reading until the oldest resolves.

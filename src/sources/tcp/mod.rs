@@ -3,27 +3,30 @@
 //! Connections beyond `max_connections` wait in the kernel's accept queue. Each
 //! connection is handled by [`connection`], which owns its socket and nothing else.
 
+mod config;
 mod connection;
 mod stream;
-pub mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate_codec::Framing;
+use futures_util::future::BoxFuture;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use self::config::{AuthMode, FramingConfig, TcpSourceConfig};
 use self::stream::DeviceStream;
-use super::DeviceServices;
-use super::limits::FdUser;
-use crate::config::{AuthMode, FramingConfig, TcpSourceConfig};
+use super::{RunningSource, SourceContext, SourceSpec};
+use crate::config::{ConfigError, Context, ListenerClaims, Settings};
+use crate::devices::DeviceServices;
+use crate::net::limits::FdUser;
+use crate::net::tls::ReloadableTls;
 use crate::pipeline::SourceOutput;
 use crate::telemetry::Metrics;
 
@@ -75,8 +78,9 @@ pub struct SourceShared {
 /// must not overflow the accept queue (the kernel caps it at `net.core.somaxconn`).
 const ACCEPT_BACKLOG: u32 = 4096;
 
-/// Binds a listener with a deep accept queue and `SO_REUSEADDR` (restart while old
-/// connections linger in TIME_WAIT).
+/// Binds a listener with a deep accept queue, `SO_REUSEADDR` (restart while old
+/// connections linger in TIME_WAIT) and `SO_REUSEPORT` (a reload binds the new listener
+/// before it closes the old one).
 fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -84,6 +88,8 @@ fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
         tokio::net::TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // A reload rebinds a changed source's address before the old listener closes.
+    socket.set_reuseport(true)?;
     socket.bind(address)?;
     socket.listen(ACCEPT_BACKLOG)
 }
@@ -92,7 +98,7 @@ fn listen(address: std::net::SocketAddr) -> std::io::Result<TcpListener> {
 pub struct TcpSource {
     shared: Arc<SourceShared>,
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<ReloadableTls>>,
     max_connections: usize,
 }
 
@@ -110,9 +116,10 @@ impl TcpSource {
         let tls = config
             .tls
             .as_ref()
-            .map(tls::acceptor)
+            .map(|tls| ReloadableTls::load(&tls.cert, &tls.key, tls.client_ca.as_deref()))
             .transpose()
-            .with_context(|| format!("source `{name}`: TLS set-up failed"))?;
+            .with_context(|| format!("source `{name}`: TLS set-up failed"))?
+            .map(Arc::new);
         let listener = listen(address)
             .with_context(|| format!("source `{name}`: cannot listen on {address}"))?;
         let label = Metrics::source(name);
@@ -205,8 +212,8 @@ impl TcpSource {
                             .instrument(span),
                     );
                 }
-                Some(acceptor) => {
-                    let acceptor = acceptor.clone();
+                Some(tls) => {
+                    let acceptor = tls.current();
                     connections.spawn(
                         async move {
                             let handshake = tokio::time::timeout(
@@ -241,5 +248,84 @@ impl TcpSource {
         connections.close();
         connections.wait().await;
         tracing::info!(source = %name, "source stopped");
+    }
+}
+
+impl TcpSourceConfig {
+    /// Why a source whose devices name themselves without proof cannot share a gateway
+    /// with the registry: one device id namespace, so a claimed id could be a registered
+    /// device's.
+    fn unproven_beside_registry(&self) -> String {
+        let mode = match self.auth {
+            AuthMode::None => "\"none\"",
+            AuthMode::Token => "\"token\"",
+            AuthMode::Registry => "\"registry\"",
+        };
+        format!(
+            "auth = {mode} cannot be used beside [registry]: its devices name themselves without \
+             proof, so one could claim a registered device's id, receive that device's commands \
+             and report their results; use auth = \"registry\" on this source, or run \
+             unregistered devices on a gateway without [registry]"
+        )
+    }
+}
+
+impl SourceSpec for TcpSourceConfig {
+    fn check(
+        &self,
+        name: &str,
+        settings: &Settings,
+        listeners: &mut ListenerClaims<'_>,
+        context: &Context<'_>,
+    ) -> Result<(), ConfigError> {
+        listeners.claim(&self.address, format!("sources.{name}.address"))?;
+        self.check_fields(context, name)?;
+        let key = |field: &str| format!("sources.{name}.{field}");
+        if self.auth == AuthMode::Registry && settings.registry.is_none() {
+            return Err(
+                context.key_error(&key("auth"), "auth = \"registry\" needs a [registry] table")
+            );
+        }
+        if settings.registry.is_some() && self.auth != AuthMode::Registry {
+            return Err(context.key_error(&key("auth"), self.unproven_beside_registry()));
+        }
+        if self.auth == AuthMode::Token && self.tokens.is_empty() {
+            return Err(
+                context.key_error(&key("tokens"), "auth = \"token\" needs at least one token")
+            );
+        }
+        if settings.gateway.partial_frame_budget.0 < self.max_frame.0 {
+            return Err(context.key_error(
+                "gateway.partial_frame_budget",
+                "must be at least 64KiB and at least the largest max_frame of a source",
+            ));
+        }
+        Ok(())
+    }
+
+    fn largest_event(&self) -> u64 {
+        self.max_frame.0
+    }
+
+    fn build<'a>(
+        &'a self,
+        name: &'a str,
+        context: SourceContext,
+    ) -> BoxFuture<'a, anyhow::Result<RunningSource>> {
+        Box::pin(async move {
+            let source = TcpSource::bind(
+                name,
+                self,
+                context.output,
+                context.services,
+                context.metrics,
+            )
+            .await?;
+            let tls = source.tls.clone();
+            Ok(RunningSource {
+                task: Box::pin(source.run(context.stop)),
+                tls,
+            })
+        })
     }
 }

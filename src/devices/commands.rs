@@ -19,9 +19,9 @@ use fieldgate_registry::{Command, CommandState, NewCommand, Registry, RegistryEr
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
-use crate::pipeline::{Item, WeakIntake};
-use crate::sources::directory::{CommandError, DeviceCommand, DeviceDirectory};
-use crate::sources::now_ms;
+use super::directory::{CommandError, DeviceCommand, DeviceDirectory};
+use crate::clock::now_ms;
+use crate::pipeline::SourceOutput;
 
 /// How often expired commands are looked for.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
@@ -30,9 +30,9 @@ const EXPIRY_SWEEP: Duration = Duration::from_secs(1);
 pub struct CommandDispatcher {
     registry: Arc<Registry>,
     directory: Arc<DeviceDirectory>,
-    /// Every sink's intake, for results the gateway itself produces (expired); weak so
-    /// they never hold the pipeline open at shutdown. Set once the sinks exist.
-    results: std::sync::OnceLock<Vec<WeakIntake>>,
+    /// Where results the gateway itself produces (expired) go: the output of the
+    /// `commands` source while it runs; none before and after.
+    results: std::sync::Mutex<Option<SourceOutput>>,
 }
 
 impl CommandDispatcher {
@@ -41,15 +41,24 @@ impl CommandDispatcher {
         Self {
             registry,
             directory,
-            results: std::sync::OnceLock::new(),
+            results: std::sync::Mutex::new(None),
         }
     }
 
-    /// Where gateway-made results go: every sink's intake.
-    pub fn open_results(&self, intakes: Vec<WeakIntake>) {
-        if self.results.set(intakes).is_err() {
-            tracing::warn!("command results were already connected");
-        }
+    /// Where gateway-made results go from now on (the `commands` source's output).
+    pub fn open_results(&self, output: SourceOutput) {
+        *self
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(output);
+    }
+
+    /// Stops sending gateway-made results (the `commands` source stopped).
+    pub fn close_results(&self) {
+        *self
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// Queues a command and hands it to the device at once if it is connected.
@@ -182,8 +191,9 @@ impl CommandDispatcher {
         }
     }
 
-    /// Sends a gateway-made `command_result` to every sink, without waiting: a full
-    /// intake loses the report (logged), never the command's state in the registry.
+    /// Sends a gateway-made `command_result` through the `commands` source, without
+    /// waiting: a full intake loses the report (logged), never the command's state in the
+    /// registry.
     pub fn report(&self, device: &str, command_id: &str, status: &str, error: &str) {
         let payload = serde_json::json!({ "type": "command_result", "id": command_id, "status": status, "error": error });
         let event = Event::new(
@@ -194,18 +204,20 @@ impl CommandDispatcher {
             PayloadFormat::Json,
             Bytes::from(payload.to_string()),
         );
-        for intake in self.results.get().into_iter().flatten() {
-            if !intake.try_send(Item {
-                event: event.clone(),
-                ack: None,
-            }) {
-                tracing::warn!(
-                    device,
-                    command = command_id,
-                    status,
-                    "command result not buffered: intake full or closed"
-                );
-            }
+        let output = self
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let lost = output.map_or(0, |output| output.try_send(event));
+        if lost > 0 {
+            tracing::warn!(
+                device,
+                command = command_id,
+                status,
+                lost,
+                "command result not buffered: intake full or closed"
+            );
         }
     }
 }

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use fieldgate_core::DeviceId;
 use serde_json::value::RawValue;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 
 /// Commands queued per connection before `send` reports the device busy.
 pub const COMMAND_QUEUE: usize = 16;
@@ -185,33 +184,6 @@ impl DeviceDirectory {
             entry.signal.request_close();
         }
         sessions.len()
-    }
-}
-
-/// Closes the connection of every device whose id arrives on `revoked` (registry
-/// revocations, deletions, secret rotations) until `stop`.
-pub async fn close_revoked(
-    directory: std::sync::Arc<DeviceDirectory>,
-    mut revoked: tokio::sync::broadcast::Receiver<String>,
-    stop: CancellationToken,
-) {
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        let id = tokio::select! {
-            _ = stop.cancelled() => return,
-            id = revoked.recv() => id,
-        };
-        match id {
-            Ok(id) => {
-                let sessions = directory.close(&DeviceId::new(&id));
-                if sessions > 0 {
-                    tracing::info!(device = %id, sessions, "credentials revoked: every session closed");
-                }
-            }
-            // Missed ids after a burst: their next authentication fails anyway.
-            Err(RecvError::Lagged(missed)) => tracing::warn!(missed, "revocation notices missed"),
-            Err(RecvError::Closed) => return,
-        }
     }
 }
 

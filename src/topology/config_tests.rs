@@ -1,7 +1,11 @@
 //! Config loading: the contract snippet, defaults, and every error naming file, line and key.
 
-use super::*;
-use crate::config::units::ByteSize;
+use crate::buffer::{FsyncPolicy, WhenFull};
+use crate::config::*;
+use crate::sinks::SinkConfig;
+use crate::sinks::mqtt::config::{MqttProtocol, Qos};
+use crate::sources::SourceConfig;
+use crate::topology::{Components, Config};
 
 /// The issue's reference config, kept verbatim (after a header comment) in the examples.
 const CONTRACT: &str = include_str!("../../examples/cloud-mqtt.toml");
@@ -11,11 +15,11 @@ fn no_env(_: &str) -> Option<String> {
 }
 
 fn parse_ok(text: &str) -> Config {
-    parse("test.toml", text, no_env).unwrap_or_else(|err| panic!("{err}"))
+    parse::<Components>("test.toml", text, no_env).unwrap_or_else(|err| panic!("{err}"))
 }
 
 fn parse_err(text: &str) -> ConfigError {
-    match parse("test.toml", text, no_env) {
+    match parse::<Components>("test.toml", text, no_env) {
         Ok(_) => panic!("config should have been rejected:\n{text}"),
         Err(err) => err,
     }
@@ -30,12 +34,14 @@ fn contract_with(from: &str, to: &str) -> String {
 #[test]
 fn contract_snippet_loads() {
     let config = parse_ok(CONTRACT);
-    assert_eq!(config.gateway.id, "gw-1");
-    let SourceConfig::Tcp(tcp) = &config.sources["devices"];
+    assert_eq!(config.settings.gateway.id, "gw-1");
+    let SourceConfig::Tcp(tcp) = &config.components.sources["devices"] else {
+        panic!("tcp expected")
+    };
     assert_eq!(tcp.address.get_ref().port(), 7000);
     assert_eq!(tcp.max_frame, ByteSize(64 * 1024));
     assert_eq!(tcp.heartbeat_interval.0, std::time::Duration::from_secs(30));
-    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+    let SinkConfig::Mqtt(mqtt) = &config.components.sinks["cloud"] else {
         panic!("mqtt expected")
     };
     assert_eq!(mqtt.qos, Qos(1));
@@ -49,8 +55,11 @@ fn contract_snippet_loads() {
 #[test]
 fn embedded_default_loads() {
     let config = parse_ok(DEFAULT_CONFIG);
-    assert_eq!(config.sinks.len(), 2);
-    assert!(matches!(config.sinks["local"], SinkConfig::File(_)));
+    assert_eq!(config.components.sinks.len(), 2);
+    assert!(matches!(
+        config.components.sinks["local"],
+        SinkConfig::File(_)
+    ));
 }
 
 #[test]
@@ -237,7 +246,7 @@ fn mqtt_checks() {
         "qos = 1",
         "qos = 1\nqos_by_kind = { alarm = 2 }\nprotocol = \"5\"",
     ));
-    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+    let SinkConfig::Mqtt(mqtt) = &config.components.sinks["cloud"] else {
         panic!()
     };
     assert_eq!(mqtt.qos_for(fieldgate_core::EventKind::Alarm), Qos(2));
@@ -264,11 +273,11 @@ fn token_auth_needs_tokens() {
 #[test]
 fn environment_interpolation() {
     let text = contract_with("client_id = \"gw-1\"", "client_id = \"${CLIENT}\"");
-    let config = parse("test.toml", &text, |name| {
+    let config = parse::<Components>("test.toml", &text, |name| {
         (name == "CLIENT").then(|| "from-env".to_owned())
     })
     .unwrap();
-    let SinkConfig::Mqtt(mqtt) = &config.sinks["cloud"] else {
+    let SinkConfig::Mqtt(mqtt) = &config.components.sinks["cloud"] else {
         panic!()
     };
     assert_eq!(mqtt.client_id.as_deref(), Some("from-env"));
@@ -291,7 +300,7 @@ fn hostile_input_is_an_error_not_a_panic() {
         &format!("[gateway]\nid = \"{}\"", "x".repeat(1 << 20)),
     ] {
         assert!(
-            parse("test.toml", text, no_env).is_err(),
+            parse::<Components>("test.toml", text, no_env).is_err(),
             "must be rejected: {text:.60}"
         );
     }
@@ -299,7 +308,7 @@ fn hostile_input_is_an_error_not_a_panic() {
 
 #[test]
 fn missing_file_names_it() {
-    let err = load(std::path::Path::new("/nonexistent/fieldgate.toml")).unwrap_err();
+    let err = load::<Components>(std::path::Path::new("/nonexistent/fieldgate.toml")).unwrap_err();
     assert!(
         err.to_string()
             .starts_with("/nonexistent/fieldgate.toml: cannot read"),
@@ -428,6 +437,7 @@ fn registry_section_has_defaults_and_allows_the_http_input() {
         registry_contract().replace("inputs = [\"devices\"]", "inputs = [\"devices\", \"http\"]")
     ));
     let registry = config
+        .settings
         .registry
         .unwrap_or_else(|| panic!("registry expected"));
     assert_eq!(registry.jwt_ttl.0, std::time::Duration::from_secs(3600));
@@ -441,10 +451,11 @@ fn registry_section_has_defaults_and_allows_the_http_input() {
     ));
     assert!(
         config
+            .settings
             .registry
             .is_some_and(|r| r.jwt_ttl.0.as_secs() == 900)
     );
-    assert!(parse_ok(CONTRACT).registry.is_none());
+    assert!(parse_ok(CONTRACT).settings.registry.is_none());
 }
 
 #[test]
@@ -490,26 +501,35 @@ fn http_input_needs_the_registry_and_the_api() {
 fn watchdog_defaults_and_keys() {
     let config = parse_ok(CONTRACT);
     assert_eq!(
-        config.watchdog.interval.0,
+        config.settings.watchdog.interval.0,
         std::time::Duration::from_secs(10)
     );
-    assert_eq!(config.watchdog.rss_growth_limit, ByteSize(50 * 1024 * 1024));
-    assert_eq!(config.watchdog.rss_limit, None);
     assert_eq!(
-        config.watchdog.cooldown.0,
+        config.settings.watchdog.rss_growth_limit,
+        ByteSize(50 * 1024 * 1024)
+    );
+    assert_eq!(config.settings.watchdog.rss_limit, None);
+    assert_eq!(
+        config.settings.watchdog.cooldown.0,
         std::time::Duration::from_secs(600)
     );
     let config = parse_ok(&format!(
         "{CONTRACT}\n[watchdog]\ninterval = \"2s\"\nrss_growth_limit = \"10MiB\"\nrss_limit = \"512MiB\"\ncooldown = \"1h\"\n"
     ));
     assert_eq!(
-        config.watchdog.interval.0,
+        config.settings.watchdog.interval.0,
         std::time::Duration::from_secs(2)
     );
-    assert_eq!(config.watchdog.rss_growth_limit, ByteSize(10 * 1024 * 1024));
-    assert_eq!(config.watchdog.rss_limit, Some(ByteSize(512 * 1024 * 1024)));
     assert_eq!(
-        config.watchdog.cooldown.0,
+        config.settings.watchdog.rss_growth_limit,
+        ByteSize(10 * 1024 * 1024)
+    );
+    assert_eq!(
+        config.settings.watchdog.rss_limit,
+        Some(ByteSize(512 * 1024 * 1024))
+    );
+    assert_eq!(
+        config.settings.watchdog.cooldown.0,
         std::time::Duration::from_secs(3600)
     );
 }
@@ -542,17 +562,20 @@ fn watchdog_bad_values_name_their_key() {
 
 #[test]
 fn api_admin_token() {
-    assert_eq!(parse_ok(CONTRACT).api.unwrap().admin_token, None);
+    assert_eq!(parse_ok(CONTRACT).settings.api.unwrap().admin_token, None);
     let text = contract_with(
         "address = \"127.0.0.1:8080\"",
         "address = \"127.0.0.1:8080\"\nadmin_token = \"${ADMIN_TOKEN}\"",
     );
-    let config = parse("test.toml", &text, |name| {
+    let config = parse::<Components>("test.toml", &text, |name| {
         (name == "ADMIN_TOKEN").then(|| "s3cret".to_owned())
     })
     .unwrap();
-    assert_eq!(config.api.unwrap().admin_token.as_deref(), Some("s3cret"));
-    let err = parse("test.toml", &text, |_| Some(String::new())).unwrap_err();
+    assert_eq!(
+        config.settings.api.unwrap().admin_token.as_deref(),
+        Some("s3cret")
+    );
+    let err = parse::<Components>("test.toml", &text, |_| Some(String::new())).unwrap_err();
     assert_eq!(err.key.as_deref(), Some("api.admin_token"), "{err}");
     let err = parse_err(&contract_with(
         "address = \"127.0.0.1:8080\"",
@@ -635,7 +658,7 @@ fn api_previous_admin_token() {
         "admin_token = \"new\"\nprevious_admin_token = \"old\"\n\
          previous_admin_token_until = \"2026-12-09T00:00:00Z\"",
     ));
-    let api = config.api.unwrap();
+    let api = config.settings.api.unwrap();
     assert_eq!(api.previous_admin_token.as_deref(), Some("old"));
     assert!(api.previous_admin_token_until.is_some());
     for (extra, key) in [
@@ -670,14 +693,19 @@ fn api_previous_admin_token() {
 #[test]
 fn network_defence_keys_have_defaults() {
     let config = parse_ok(CONTRACT);
-    let SourceConfig::Tcp(tcp) = &config.sources["devices"];
+    let SourceConfig::Tcp(tcp) = &config.components.sources["devices"] else {
+        panic!("tcp expected")
+    };
     assert_eq!(tcp.hello_timeout.0, std::time::Duration::from_secs(10));
     assert_eq!(tcp.unauthenticated_max_frame, ByteSize(4 * 1024));
     assert_eq!(
-        config.gateway.partial_frame_budget,
+        config.settings.gateway.partial_frame_budget,
         ByteSize(64 * 1024 * 1024)
     );
-    let api = config.api.unwrap_or_else(|| panic!("[api] expected"));
+    let api = config
+        .settings
+        .api
+        .unwrap_or_else(|| panic!("[api] expected"));
     assert_eq!(api.header_timeout.0, std::time::Duration::from_secs(10));
     assert_eq!(api.idle_timeout.0, std::time::Duration::from_secs(120));
     assert_eq!(api.max_connections, 256);
@@ -776,19 +804,19 @@ mod hostile_properties {
 
         #[test]
         fn arbitrary_text_is_an_error_not_a_panic(text in "\\PC{0,400}") {
-            let _outcome = parse("fuzz.toml", &text, no_env);
+            let _outcome = parse::<Components>("fuzz.toml", &text, no_env);
         }
 
         #[test]
         fn toml_like_text_is_an_error_not_a_panic(
             text in r#"(\[{1,2}[a-z_.]{0,12}\]{0,2}\n|[a-z_.]{1,12} ?= ?("[^"\n]{0,12}"|[0-9_.eE+-]{1,12}|true|\[\]|\{\}|"\$\{[A-Z]{0,3}\}?")\n|\x00|#[^\n]{0,8}\n){0,30}"#,
         ) {
-            let _outcome = parse("fuzz.toml", &text, no_env);
+            let _outcome = parse::<Components>("fuzz.toml", &text, no_env);
         }
 
         #[test]
         fn truncated_contract_is_an_error_not_a_panic(at in 0usize..CONTRACT.len()) {
-            let _outcome = parse("fuzz.toml", prefix(CONTRACT, at), no_env);
+            let _outcome = parse::<Components>("fuzz.toml", prefix(CONTRACT, at), no_env);
         }
 
         #[test]
@@ -801,13 +829,13 @@ mod hostile_properties {
                 .map(|(i, l)| if i == index { with.as_str() } else { l })
                 .collect::<Vec<_>>()
                 .join("\n");
-            let _outcome = parse("fuzz.toml", &text, no_env);
+            let _outcome = parse::<Components>("fuzz.toml", &text, no_env);
         }
 
         #[test]
         fn hostile_env_values_never_panic(value in "\\PC{0,200}") {
             let text = CONTRACT.replacen("id = \"gw-1\"", "id = \"${GATEWAY_ID}\"", 1);
-            let _outcome = parse("fuzz.toml", &text, |_| Some(value.clone()));
+            let _outcome = parse::<Components>("fuzz.toml", &text, |_| Some(value.clone()));
         }
     }
 }

@@ -1,0 +1,133 @@
+//! Transforms: pure functions from one event to zero or more events, between the
+//! sources and the sinks of the graph.
+//!
+//! A transform's config type lives in its own module and implements [`TransformSpec`];
+//! adding a transform type is one module plus one line in [`TransformConfig`]'s list.
+//! Payloads stay raw bytes until a transform needs a field ([`payload`]); an event no
+//! transform touches is never parsed by the gateway.
+
+mod condition;
+mod filter;
+mod payload;
+mod remap;
+mod route;
+mod units;
+
+use std::sync::Arc;
+
+use fieldgate_core::Event;
+use fieldgate_registry::Registry;
+use toml::Spanned;
+
+use crate::config::{ConfigError, Context};
+use crate::telemetry::Metrics;
+
+crate::config::component_types! {
+    /// `[transforms.NAME]`, by `type`.
+    TransformConfig: dyn TransformSpec, "transform";
+    "filter" => Filter(filter::FilterConfig),
+    "remap" => Remap(remap::RemapConfig),
+    "route" => Route(route::RouteConfig),
+}
+
+/// What every transform config offers the graph.
+pub trait TransformSpec {
+    /// The sources and transform outputs it reads.
+    fn inputs(&self) -> &Spanned<Vec<String>>;
+
+    /// Its output ports, in the order it emits them: `""` is the default output, named
+    /// by the transform's name alone; others are named `NAME.PORT`.
+    fn outputs(&self) -> Vec<String> {
+        vec![String::new()]
+    }
+
+    /// Checks what serde cannot (ranges, units, names).
+    fn check(&self, name: &str, context: &Context<'_>) -> Result<(), ConfigError>;
+
+    /// Builds the runtime transform (errors only for what `check` would have refused).
+    fn build(
+        &self,
+        name: &str,
+        services: &TransformServices,
+    ) -> Result<Arc<dyn EventTransform>, ConfigError>;
+}
+
+/// What transforms may consult while they run.
+#[derive(Clone)]
+pub struct TransformServices {
+    /// Registered devices, for conditions on labels.
+    pub registry: Option<Arc<Registry>>,
+    /// Counters of filtered events and transform errors.
+    pub metrics: Arc<Metrics>,
+}
+
+/// A running transform.
+pub trait EventTransform: Send + Sync {
+    /// Applies the transform to `event`, emitting what comes out.
+    fn apply(&self, event: Event, out: &mut Emitted);
+}
+
+/// What a transform emitted for one event: events with their output port.
+#[derive(Default)]
+pub struct Emitted {
+    events: Vec<(usize, Event)>,
+}
+
+impl Emitted {
+    /// Emits `event` on output `port` (0 = the default output).
+    pub fn emit(&mut self, port: usize, event: Event) {
+        self.events.push((port, event));
+    }
+
+    /// Everything emitted, in order.
+    pub fn into_events(self) -> Vec<(usize, Event)> {
+        self.events
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Helpers for the transform tests.
+
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
+
+    use super::{Emitted, EventTransform, TransformServices, TransformSpec};
+    use crate::config::Context;
+    use crate::telemetry::Metrics;
+
+    /// A telemetry event of device `d` with a JSON-format payload (possibly malformed).
+    pub fn event_json(payload: &[u8]) -> Event {
+        Event::new(
+            DeviceId::new("d"),
+            EventKind::Telemetry,
+            Arc::from("src"),
+            0,
+            PayloadFormat::Json,
+            Bytes::copy_from_slice(payload),
+        )
+    }
+
+    /// Parses, checks and builds a transform config.
+    pub fn build<T: TransformSpec + serde::de::DeserializeOwned>(
+        text: &str,
+    ) -> Arc<dyn EventTransform> {
+        let spec: T = toml::from_str(text).expect("valid toml");
+        let context = Context { file: "t", text };
+        spec.check("t", &context).expect("valid transform");
+        let services = TransformServices {
+            registry: None,
+            metrics: Arc::new(Metrics::new()),
+        };
+        spec.build("t", &services).expect("builds")
+    }
+
+    /// Applies `transform` to one event.
+    pub fn run(transform: &dyn EventTransform, event: Event) -> Vec<(usize, Event)> {
+        let mut emitted = Emitted::default();
+        transform.apply(event, &mut emitted);
+        emitted.into_events()
+    }
+}
