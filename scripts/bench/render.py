@@ -373,6 +373,44 @@ def render(res):
                          f"files (one flush per group commit). Raw counts: "
                          + ", ".join(f"{k} {v:,}" for k, v in sorted(calls.items())) + ".\n")
 
+    # ---------------------------------------------------------------- component model (issue 10)
+    gr = res.get("scenarios", {}).get("graph")
+    if gr:
+        parts.append(f"\n### Component model: transforms in the path, reload ({gr['duration_s']} s per run)\n")
+        out, agg = [], {}
+        for who in ["fieldgate", "fieldgate filter+remap", "mosquitto bridge"]:
+            g = [x for x in gr["rows"] if x["who"] == who]
+            if not g:
+                continue
+            a = {k: med([x.get(k) for x in g]) for k in
+                 ["p50_ms", "p99_ms", "cpu_pct", "cpu_us_per_msg", "send_rate"]}
+            agg[who] = a
+            lost = "?" if any(x.get("lost") is None for x in g) else f(sum(x["lost"] for x in g), 0)
+            loads = ", ".join(f"{x['load_start']}→{x['load_end']}" for x in g)
+            out.append([who, f(a["send_rate"], 0), lost, f(a["p50_ms"], 2), f(a["p99_ms"], 2),
+                        f(a["cpu_pct"], 0), f(a["cpu_us_per_msg"], 1),
+                        ratio(a["cpu_us_per_msg"], agg.get("mosquitto bridge", {}).get("cpu_us_per_msg")
+                              if "mosquitto bridge" in agg else None),
+                        loads, runs_note(g)])
+        bridge = agg.get("mosquitto bridge", {}).get("cpu_us_per_msg")
+        for row, who in zip(out, [w for w in ["fieldgate", "fieldgate filter+remap", "mosquitto bridge"] if w in agg]):
+            row[7] = ratio(agg[who]["cpu_us_per_msg"], bridge)
+        parts.append(table(["1,000 devices × 10 msg/s, QoS 1", "sent msg/s", "lost (all runs)", "p50 ms",
+                            "p99 ms", "CPU %", "CPU µs per delivered msg", "vs bridge",
+                            "load average (start→end of each run)", "runs"], out))
+        plain, transformed = agg.get("fieldgate", {}), agg.get("fieldgate filter+remap", {})
+        if plain.get("cpu_us_per_msg") and transformed.get("cpu_us_per_msg"):
+            extra = transformed["cpu_us_per_msg"] - plain["cpu_us_per_msg"]
+            parts.append(f"\nOne `filter` plus one `remap` (parse, unit conversion, set, re-encode) cost "
+                         f"**{extra:.1f} µs of CPU per event** in this run (medians).\n")
+        rl = gr.get("reload") or {}
+        if rl and not rl.get("error"):
+            rows = [[name, f(v["median_ms"], 1), ", ".join(str(x) for x in v["runs_ms"])]
+                    for name, v in rl.items()]
+            parts.append("\nReload of a config with 10 TCP sources and 10 file sinks "
+                         "(`POST /api/v1/config/reload`, round trip):\n\n"
+                         + table(["change", "median ms", "runs ms"], rows))
+
     # ---------------------------------------------------------------- targets + commands
     parts.insert(1, "\n### Targets (issue 3)\n\n" + table(["target", "measured", ""], targets) + "\n")
     cmds = res.get("commands", {})

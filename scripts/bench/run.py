@@ -312,7 +312,7 @@ class Bench:
     # ---- fieldgate
 
     def gateway(self, name, cloud_port, batch=False, ack=False, max_size="1GiB", data=None,
-                ports=None, qos=1, clean_session=False):
+                ports=None, qos=1, clean_session=False, transforms=None):
         tcp, api = ports or (free_port(), free_port())
         data = data or self.path(f"{name}-data")
         conf = os.path.join(self.work, f"gw-{name}-{tcp}.toml")
@@ -335,9 +335,10 @@ address = "127.0.0.1:{tcp}"
 max_connections = 19000
 ack = {"true" if ack else "false"}
 
+{transforms or ""}
 [sinks.cloud]
 type = "mqtt"
-inputs = ["devices"]
+inputs = ["{"normalise" if transforms else "devices"}"]
 url = "mqtt://127.0.0.1:{cloud_port}"
 client_id = "gw-bench"
 qos = {qos}
@@ -351,7 +352,7 @@ max_size = "{max_size}"
 """
         with open(conf, "w") as f:
             f.write(text)
-        label = f"fieldgate config ({'batch' if batch else 'no batch'}{', ack' if ack else ''}, max_size {max_size})"
+        label = f"fieldgate config ({'batch' if batch else 'no batch'}{', ack' if ack else ''}{', filter+remap' if transforms else ''}, max_size {max_size})"
         self.note_text(label, re.sub(r"\d{5}", "PORT", text.replace(data, "DATA")))
         cmd = [self.gw_bin, "run", "--config", conf]
         self.note_cmd("fieldgate", ["fieldgate", "run", "--config", "gw.toml"])
@@ -547,9 +548,11 @@ max_size = "{max_size}"
     def link_run(self, who, run, rate, duration, qos, clean=False):
         load0 = os.getloadavg()[0]
         cloud, cloud_port, _ = self.mosquitto("cloud")
-        if who == "fieldgate":
+        if who.startswith("fieldgate"):
+            transforms = GRAPH_TRANSFORMS if "filter" in who else None
             gw, tcp, _api, _data, _ = self.gateway(f"link-{rate}-{qos}-{clean}", cloud_port,
-                                                  qos=qos, clean_session=clean)
+                                                  qos=qos, clean_session=clean,
+                                                  transforms=transforms)
             proc = gw
             argv = ["tcp", "--target", f"127.0.0.1:{tcp}", "--sub-topic", "gateways/#"]
         else:
@@ -569,7 +572,7 @@ max_size = "{max_size}"
         received = res.get("received") or 0
         lat = res.get("latency_us") or {}
         row = {"who": who, "run": run, "rate_per_device": rate, "qos": qos,
-               "session_on_disk": (who == "fieldgate" and qos == 2 and not clean),
+               "session_on_disk": (who.startswith("fieldgate") and qos == 2 and not clean),
                "sent": res.get("sent"), "received": received, "lost": res.get("lost"),
                "duplicates": res.get("duplicates"), "send_rate": res.get("send_rate"),
                "p50_ms": ms(lat.get("p50")), "p99_ms": ms(lat.get("p99")),
@@ -583,6 +586,81 @@ max_size = "{max_size}"
         stop(proc)
         stop(cloud)
         return row
+
+    def run_graph(self):
+        """The component model (issue 10): CPU per event with a filter and a remap in the
+        path against the plain path and the Mosquitto bridge (1,000 devices x 10 msg/s,
+        QoS 1); then reload times of a config with 10 sources and 10 sinks."""
+        duration = 10 if self.quick else 20
+        rows = []
+        out = {"duration_s": duration, "rows": rows}
+        for run in range(self.runs):
+            for who in ["fieldgate", "fieldgate filter+remap", "mosquitto bridge"]:
+                rows.append(self.link_run(who, run, 10, duration, qos=1))
+                self.results["scenarios"]["graph"] = out
+                self.save()
+        out["reload"] = self.reload_times()
+        self.results["scenarios"]["graph"] = out
+        self.save()
+
+    def reload_times(self):
+        """POST /api/v1/config/reload round trips on a gateway with 10 TCP sources and 10
+        file sinks: unchanged, one sink added, every source and sink changed."""
+        admin = "bench-admin"
+        ports = [free_port() for _ in range(10)]
+        api = free_port()
+        data = self.path("reload-data")
+
+        def config(extra_sink=False, variant=0):
+            parts = [f'[gateway]\nid = "gw-reload"\ndata_dir = "{data}"\n\n[log]\nlevel = "warn"\n\n'
+                     f'[api]\naddress = "127.0.0.1:{api}"\nadmin_token = "{admin}"\n']
+            for i, port in enumerate(ports):
+                parts.append(f'[sources.s{i}]\ntype = "tcp"\naddress = "127.0.0.1:{port}"\n'
+                             f'max_errors = {10 + variant}\n')
+            for i in range(10 + (1 if extra_sink else 0)):
+                parts.append(f'[sinks.k{i}]\ntype = "file"\ninputs = ["s{i % 10}"]\n'
+                             f'max_files = {10 + variant}\n')
+            return "\n".join(parts)
+
+        conf = os.path.join(self.work, "gw-reload.toml")
+        with open(conf, "w") as f:
+            f.write(config())
+        self.note_text("fieldgate config (reload: 10 sources, 10 sinks)",
+                       re.sub(r"\d{5}", "PORT", config().replace(data, "DATA")))
+        proc = start([self.gw_bin, "run", "--config", conf], conf + ".log")
+        if not wait_until(lambda: http_get(api, "/readyz", 0.5)[0] == 200, 30, 0.02,
+                          what="fieldgate /readyz"):
+            stop(proc)
+            return {"error": "gateway not ready"}
+
+        def reload_ms(text):
+            with open(conf + ".new", "w") as f:
+                f.write(text)
+            os.replace(conf + ".new", conf)
+            t0 = time.monotonic()
+            c = http.client.HTTPConnection("127.0.0.1", api, timeout=60)
+            c.request("POST", "/api/v1/config/reload", headers={"Authorization": f"Bearer {admin}"})
+            r = c.getresponse()
+            body = r.read()
+            c.close()
+            elapsed = 1000 * (time.monotonic() - t0)
+            if r.status != 200:
+                raise RuntimeError(f"reload answered {r.status}: {body[:200]!r}")
+            return round(elapsed, 1)
+
+        cases = {"unchanged": [], "one sink added": [], "all 20 changed": []}
+        reps = 3 if self.quick else 7
+        variant = 0
+        for _ in range(reps):
+            cases["unchanged"].append(reload_ms(config(variant=variant)))
+            cases["one sink added"].append(reload_ms(config(extra_sink=True, variant=variant)))
+            variant += 1
+            # Every source and sink changed, and the extra sink removed again.
+            cases["all 20 changed"].append(reload_ms(config(variant=variant)))
+        stop(proc)
+        result = {name: {"median_ms": statistics.median(v), "runs_ms": v} for name, v in cases.items()}
+        log(f"reload: {result}")
+        return result
 
     def link_syscalls(self):
         """Write-family syscalls of the gateway per 1,000 delivered publishes (strace -c)."""
@@ -1212,7 +1290,21 @@ def proc_meminfo(key):
     return None
 
 
-SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm", "outage", "link"]
+SCENARIOS = ["idle", "load", "ramp", "drain", "restart", "storm", "outage", "link", "graph"]
+
+# The transforms of the "graph" scenario: every event passes both (the filter keeps all
+# of the simulator's telemetry), so the cost measured is the work, not fewer events.
+GRAPH_TRANSFORMS = """[transforms.hot]
+type = "filter"
+inputs = ["devices"]
+condition = { kind = "telemetry", field = "temp", gt = -1000.0 }
+
+[transforms.normalise]
+type = "remap"
+inputs = ["hot"]
+set = { site = "north" }
+convert.temp = { from = "degC", to = "degF" }
+"""
 # scripts/bench.sh passes this list when no scenarios are named: it means "all of them".
 LEGACY_DEFAULT = "idle,load,ramp,drain,restart,storm"
 

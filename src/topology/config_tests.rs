@@ -839,3 +839,146 @@ mod hostile_properties {
         }
     }
 }
+
+/// A config with one TCP source `devices`, the given transforms, and one file sink
+/// `out` reading `sink_inputs`.
+fn graph(transforms: &str, sink_inputs: &str) -> String {
+    format!(
+        "[gateway]\nid = \"gw\"\n\n[sources.devices]\ntype = \"tcp\"\naddress = \"127.0.0.1:7000\"\n\n\
+         {transforms}\n\n[sinks.out]\ntype = \"file\"\ninputs = {sink_inputs}\n"
+    )
+}
+
+#[test]
+fn graph_cycle_is_an_error_that_shows_it() {
+    let err = parse_err(&graph(
+        "[transforms.a]\ntype = \"filter\"\ninputs = [\"devices\", \"b\"]\ncondition = { kind = \"telemetry\" }\n\
+         [transforms.b]\ntype = \"filter\"\ninputs = [\"a\"]\ncondition = { kind = \"telemetry\" }",
+        "[\"b\"]",
+    ));
+    assert!(err.message.contains("cycle"), "{err}");
+    assert!(
+        err.message.contains("a → b → a") || err.message.contains("b → a → b"),
+        "{err}"
+    );
+    assert!(
+        err.key
+            .as_deref()
+            .is_some_and(|key| key.starts_with("transforms.")),
+        "{err}"
+    );
+}
+
+#[test]
+fn graph_self_loop_is_a_cycle() {
+    let err = parse_err(&graph(
+        "[transforms.a]\ntype = \"filter\"\ninputs = [\"a\"]\ncondition = { kind = \"telemetry\" }",
+        "[\"devices\", \"a\"]",
+    ));
+    assert!(err.message.contains("cycle"), "{err}");
+}
+
+#[test]
+fn graph_unknown_input_lists_what_exists() {
+    let err = parse_err(&graph("", "[\"devicez\"]"));
+    assert_eq!(err.key.as_deref(), Some("sinks.out.inputs"), "{err}");
+    assert!(
+        err.message.contains("devicez") && err.message.contains("devices"),
+        "{err}"
+    );
+    let err = parse_err(&graph(
+        "[transforms.a]\ntype = \"filter\"\ninputs = [\"nowhere\"]\ncondition = { kind = \"telemetry\" }",
+        "[\"a\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("transforms.a.inputs"), "{err}");
+}
+
+#[test]
+fn graph_dangling_transform_output_is_an_error() {
+    let err = parse_err(&graph(
+        "[transforms.unread]\ntype = \"filter\"\ninputs = [\"devices\"]\ncondition = { kind = \"alarm\" }",
+        "[\"devices\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("transforms.unread"), "{err}");
+    assert!(err.message.contains("lost"), "{err}");
+}
+
+#[test]
+fn graph_route_outputs_are_named() {
+    let route = "[transforms.r]\ntype = \"route\"\ninputs = [\"devices\"]\n\
+                 routes.hot = { field = \"temp\", gt = 30 }";
+    let config = parse_ok(&graph(route, "[\"r.hot\", \"r._unmatched\"]"));
+    assert_eq!(config.components.transforms.len(), 1);
+    // Unread named outputs are allowed: routing them nowhere is the point.
+    parse_ok(&graph(route, "[\"r.hot\"]"));
+    let err = parse_err(&graph(route, "[\"r\"]"));
+    assert!(err.message.contains("only named outputs"), "{err}");
+    assert!(err.message.contains("r.hot, r._unmatched"), "{err}");
+    let err = parse_err(&graph(route, "[\"r.cold\"]"));
+    assert!(err.message.contains("no output \"cold\""), "{err}");
+}
+
+#[test]
+fn graph_a_transform_cannot_take_a_source_name() {
+    let err = parse_err(&graph(
+        "[transforms.devices]\ntype = \"filter\"\ninputs = [\"devices\"]\ncondition = { kind = \"alarm\" }",
+        "[\"devices\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("transforms.devices"), "{err}");
+}
+
+#[test]
+fn graph_transform_configs_are_checked() {
+    let err = parse_err(&graph(
+        "[transforms.u]\ntype = \"remap\"\ninputs = [\"devices\"]\nconvert.t = { from = \"degC\", to = \"bar\" }",
+        "[\"u\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("transforms.u.convert.t"), "{err}");
+    let err = parse_err(&graph(
+        "[transforms.u]\ntype = \"remap\"\ninputs = [\"devices\"]",
+        "[\"u\"]",
+    ));
+    assert!(err.message.contains("at least one of"), "{err}");
+    let err = parse_err(&graph(
+        "[transforms.u]\ntype = \"sort\"\ninputs = [\"devices\"]",
+        "[\"u\"]",
+    ));
+    assert_eq!(err.key.as_deref(), Some("transforms.u.type"), "{err}");
+    assert!(err.message.contains("\"filter\""), "{err}");
+}
+
+#[test]
+fn graph_built_in_sources_come_with_the_registry() {
+    let text = graph("", "[\"devices\"]")
+        .replace("type = \"tcp\"", "type = \"tcp\"\nauth = \"registry\"")
+        .replace(
+            "[gateway]\nid = \"gw\"",
+            "[gateway]\nid = \"gw\"\n\n[registry]\n\n[api]\naddress = \"127.0.0.1:7001\"",
+        );
+    let config = parse_ok(&text);
+    let sources: Vec<&str> = config
+        .components
+        .sources
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(sources, ["commands", "devices", "http"]);
+    let without = parse_ok(&graph("", "[\"devices\"]"));
+    assert_eq!(without.components.sources.len(), 1);
+}
+
+#[test]
+fn graph_redacts_secrets_and_hashes_the_text() {
+    let config = parse_ok(&contract_with(
+        "[sinks.cloud]",
+        "[sinks.cloud]\nusername = \"u\"\npassword = \"hunter2\"",
+    ));
+    assert!(!config.redacted().to_string().contains("hunter2"));
+    assert_eq!(config.hash.len(), 64);
+    let again = parse_ok(&contract_with(
+        "[sinks.cloud]",
+        "[sinks.cloud]\nusername = \"u\"\npassword = \"hunter2\"",
+    ));
+    assert_eq!(config.hash, again.hash);
+    assert_ne!(config.hash, parse_ok(CONTRACT).hash);
+}

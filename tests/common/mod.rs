@@ -663,6 +663,7 @@ pub struct Gateway {
     stderr_path: PathBuf,
     child: Option<Child>,
     runs: u32,
+    args: Vec<String>,
 }
 
 impl Gateway {
@@ -674,8 +675,20 @@ impl Gateway {
         gateway
     }
 
+    /// Like [`Gateway::start`], with more arguments after `run --config FILE`.
+    pub async fn start_with_args(config: &str, args: &[&str]) -> Self {
+        let mut gateway = Self::spawn_with_args(config, args);
+        gateway.wait_ready().await;
+        gateway
+    }
+
     /// Like [`Gateway::start`] without waiting for readiness.
     pub fn spawn(config: &str) -> Self {
+        Self::spawn_with_args(config, &[])
+    }
+
+    /// Like [`Gateway::spawn`], with more arguments after `run --config FILE`.
+    pub fn spawn_with_args(config: &str, args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("gateway tempdir");
         let data_dir = dir.path().join("data");
         let config = with_data_dir(config, &data_dir);
@@ -698,6 +711,7 @@ impl Gateway {
             stderr_path,
             child: None,
             runs: 0,
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
         };
         gateway.spawn_child();
         gateway
@@ -716,6 +730,7 @@ impl Gateway {
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
+            .args(&self.args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -754,6 +769,15 @@ impl Gateway {
     /// Process id of the running gateway.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("gateway running").id()
+    }
+
+    /// Replaces the config file (with `data_dir` set as at start), for a reload.
+    pub fn rewrite_config(&self, config: &str) {
+        let config = with_data_dir(config, &self.data_dir);
+        let staged = self.config_path.with_extension("new");
+        std::fs::write(&staged, config).expect("write config");
+        // Replaced in one step, as editors and config managers do.
+        std::fs::rename(&staged, &self.config_path).expect("replace config");
     }
 
     /// The config file.
