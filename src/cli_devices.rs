@@ -50,9 +50,9 @@ pub enum DevicesCommand {
         /// Device model.
         #[arg(long)]
         model: Option<String>,
-        /// A label `key=value`; repeat for more.
-        #[arg(long = "label", value_name = "KEY=VALUE")]
-        labels: Vec<String>,
+        /// A label `KEY=VALUE` (or `KEY:VALUE`); repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// MAC address.
         #[arg(long)]
         mac: Option<String>,
@@ -68,9 +68,9 @@ pub enum DevicesCommand {
         /// Only devices with this status: online, offline or revoked.
         #[arg(long)]
         status: Option<String>,
-        /// Only devices with this label, `key:value`.
-        #[arg(long)]
-        label: Option<String>,
+        /// Only devices with this label, `KEY=VALUE` (or `KEY:VALUE`).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        label: Option<(String, String)>,
         /// Only devices of this model.
         #[arg(long)]
         model: Option<String>,
@@ -179,15 +179,7 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
             imei,
             public_key,
         } => {
-            let mut label_map = BTreeMap::new();
-            for label in labels {
-                let Some((key, value)) = label.split_once('=') else {
-                    return Err(CliError::Usage(format!(
-                        "--label {label:?}: expected KEY=VALUE"
-                    )));
-                };
-                label_map.insert(key.to_owned(), value.to_owned());
-            }
+            let label_map: BTreeMap<String, String> = labels.into_iter().collect();
             let body = serde_json::json!({
                 "id": id, "name": name, "model": model, "labels": label_map,
                 "mac": mac, "imei": imei, "public_key": public_key,
@@ -208,6 +200,8 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
         } => {
             let mut query = String::new();
             let limit = limit.map(|limit| limit.to_string());
+            // The API's query syntax is `label=KEY:VALUE`.
+            let label = label.map(|(key, value)| format!("{key}:{value}"));
             for (key, value) in [
                 ("status", status.as_deref()),
                 ("label", label.as_deref()),
@@ -251,6 +245,15 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
                 device["id"].as_str().unwrap_or(id.as_str())
             ))
         }
+    }
+}
+
+/// A `--label` argument: `KEY=VALUE`, or `KEY:VALUE` as in the API's query. Label keys
+/// hold neither `=` nor `:`, so the first of them ends the key; the value may hold both.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.find(['=', ':']) {
+        Some(at) if at > 0 => Ok((text[..at].to_owned(), text[at + 1..].to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 
@@ -460,6 +463,17 @@ mod tests {
         assert_eq!(client.port, 80);
         assert!(Client::new("https://x", "t".into()).is_err());
         assert!(Client::new("http://x:notaport", "t".into()).is_err());
+    }
+
+    #[test]
+    fn labels_take_either_separator() {
+        let pair = |key: &str, value: &str| Ok((key.to_owned(), value.to_owned()));
+        assert_eq!(parse_label("site=north"), pair("site", "north"));
+        assert_eq!(parse_label("site:north"), pair("site", "north"));
+        assert_eq!(parse_label("url=http://x?a=b"), pair("url", "http://x?a=b"));
+        assert_eq!(parse_label("empty="), pair("empty", ""));
+        assert!(parse_label("north").is_err());
+        assert!(parse_label("=north").is_err());
     }
 
     #[test]
