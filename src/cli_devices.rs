@@ -23,14 +23,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response the CLI reads.
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 
+/// Help heading of the options every admin command shares (`devices`, `deadletter`).
+pub(crate) const GATEWAY_HEADING: &str = "Gateway options (every subcommand)";
+
 /// `fieldgate devices`.
 #[derive(Debug, Args)]
 pub struct DevicesArgs {
     /// Base URL of the gateway's API (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true, help_heading = GATEWAY_HEADING)]
     api: String,
-    /// Admin token (`api.admin_token`); defaults to $FIELDGATE_ADMIN_TOKEN.
-    #[arg(long, global = true)]
+    /// The gateway's admin token (`api.admin_token`), not a device's token; defaults to
+    /// $FIELDGATE_ADMIN_TOKEN.
+    #[arg(long, visible_alias = "admin-token", global = true, help_heading = GATEWAY_HEADING)]
     token: Option<String>,
     #[command(subcommand)]
     command: DevicesCommand,
@@ -463,6 +467,41 @@ mod tests {
         assert_eq!(client.port, 80);
         assert!(Client::new("https://x", "t".into()).is_err());
         assert!(Client::new("http://x:notaport", "t".into()).is_err());
+    }
+
+    #[test]
+    fn shared_options_are_apart_from_the_subcommand_own() {
+        use clap::CommandFactory as _;
+
+        /// `fieldgate devices` alone.
+        #[derive(clap::Parser)]
+        struct Devices {
+            #[command(flatten)]
+            args: DevicesArgs,
+        }
+        let mut command = Devices::command();
+        // Propagates the global options to the subcommands, as parsing does.
+        command.build();
+        let help = command
+            .find_subcommand_mut("add")
+            .unwrap_or_else(|| panic!("no add"))
+            .render_help()
+            .to_string();
+        let (own, shared) = help
+            .split_once(GATEWAY_HEADING)
+            .unwrap_or_else(|| panic!("no {GATEWAY_HEADING:?} heading:\n{help}"));
+        assert!(
+            own.contains("--label") && !own.contains("--token"),
+            "{help}"
+        );
+        assert!(
+            shared.contains("--api") && shared.contains("--token"),
+            "{help}"
+        );
+        assert!(
+            shared.contains("admin token") && shared.contains("--admin-token"),
+            "{help}"
+        );
     }
 
     #[test]
