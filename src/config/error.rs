@@ -209,7 +209,7 @@ fn in_config_words(message: &str) -> String {
         "a sequence" => "an array",
         "a map" => "a table",
         "a boolean" => "a boolean (true or false)",
-        other if other.starts_with("struct ") || other.starts_with("map ") => "a table",
+        other if other.starts_with("struct ") => "a table",
         _ => return message.to_owned(),
     };
     format!("{head}{words}")
