@@ -2,6 +2,11 @@
 # The test command of the README: installs what the tests need when it is missing,
 # then runs every test of the workspace (unit, property and black-box integration tests
 # against a real mosquitto started by the tests on free loopback ports).
+#
+# Installs: mosquitto and mosquitto-clients (apt, system-wide, needs root or sudo) and,
+# for the API fuzz test, schemathesis (pip) into a virtual environment in
+# $CARGO_TARGET_DIR/pyenv (default target/pyenv; python3-venv from apt when Debian lacks
+# it). FIELDGATE_API_FUZZ=long runs the long API fuzz profile (CI does).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -29,11 +34,27 @@ fi
 # so it does no harm and is left alone.
 
 # schemathesis (PyPI) fuzzes the REST API from its OpenAPI document (tests/api_fuzz.rs).
-if ! python3 -c 'import schemathesis' >/dev/null 2>&1; then
-    echo "scripts/test.sh: installing schemathesis" >&2
-    python3 -m pip install --quiet schemathesis \
-        || python3 -m pip install --quiet --break-system-packages schemathesis
+# It goes into a virtual environment under the target directory, never into the system's
+# or the user's site-packages; `cargo clean` removes it and the next run installs it again.
+target_dir="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target_dir"
+pyenv="$(cd "$target_dir" && pwd)/pyenv"
+if ! "$pyenv/bin/python" -c 'import schemathesis' >/dev/null 2>&1; then
+    if [ ! -x "$pyenv/bin/pip" ]; then
+        rm -rf "$pyenv"
+        if ! python3 -m venv "$pyenv" >/dev/null 2>&1; then
+            # Debian ships venv (and ensurepip) in a package of its own.
+            echo "scripts/test.sh: installing python3-venv" >&2
+            as_root apt-get update
+            as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv
+            rm -rf "$pyenv"
+            python3 -m venv "$pyenv"
+        fi
+    fi
+    echo "scripts/test.sh: installing schemathesis into $pyenv" >&2
+    "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis
 fi
+export FIELDGATE_PYTHON="$pyenv/bin/python"
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --all-features --no-fail-fast "$@"

@@ -9,16 +9,16 @@ use clap::{Args, Subcommand};
 use hyper::Method;
 use serde_json::Value;
 
-use crate::cli_devices::{CliError, Client, admin_token, run_admin_command};
+use crate::cli_devices::{CliError, Client, GATEWAY_HEADING, admin_token, run_admin_command};
 
 /// `fieldgate deadletter`.
 #[derive(Debug, Args)]
 pub struct DeadLetterArgs {
     /// Base URL of the gateway's API (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true, help_heading = GATEWAY_HEADING)]
     api: String,
-    /// Admin token (`api.admin_token`); defaults to $FIELDGATE_ADMIN_TOKEN.
-    #[arg(long, global = true)]
+    /// The gateway's admin token (`api.admin_token`); defaults to $FIELDGATE_ADMIN_TOKEN.
+    #[arg(long, visible_alias = "admin-token", global = true, help_heading = GATEWAY_HEADING)]
     token: Option<String>,
     #[command(subcommand)]
     command: DeadLetterCommand,

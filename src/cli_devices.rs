@@ -23,14 +23,18 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest response the CLI reads.
 const MAX_RESPONSE: usize = 16 * 1024 * 1024;
 
+/// Help heading of the options every admin command shares (`devices`, `deadletter`).
+pub(crate) const GATEWAY_HEADING: &str = "Gateway options (every subcommand)";
+
 /// `fieldgate devices`.
 #[derive(Debug, Args)]
 pub struct DevicesArgs {
     /// Base URL of the gateway's API (loopback only).
-    #[arg(long, default_value = "http://127.0.0.1:8080", global = true)]
+    #[arg(long, default_value = "http://127.0.0.1:8080", global = true, help_heading = GATEWAY_HEADING)]
     api: String,
-    /// Admin token (`api.admin_token`); defaults to $FIELDGATE_ADMIN_TOKEN.
-    #[arg(long, global = true)]
+    /// The gateway's admin token (`api.admin_token`), not a device's token; defaults to
+    /// $FIELDGATE_ADMIN_TOKEN.
+    #[arg(long, visible_alias = "admin-token", global = true, help_heading = GATEWAY_HEADING)]
     token: Option<String>,
     #[command(subcommand)]
     command: DevicesCommand,
@@ -50,9 +54,9 @@ pub enum DevicesCommand {
         /// Device model.
         #[arg(long)]
         model: Option<String>,
-        /// A label `key=value`; repeat for more.
-        #[arg(long = "label", value_name = "KEY=VALUE")]
-        labels: Vec<String>,
+        /// A label `KEY=VALUE` (or `KEY:VALUE`); repeat for more.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// MAC address.
         #[arg(long)]
         mac: Option<String>,
@@ -68,9 +72,9 @@ pub enum DevicesCommand {
         /// Only devices with this status: online, offline or revoked.
         #[arg(long)]
         status: Option<String>,
-        /// Only devices with this label, `key:value`.
-        #[arg(long)]
-        label: Option<String>,
+        /// Only devices with this label, `KEY=VALUE` (or `KEY:VALUE`).
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+        label: Option<(String, String)>,
         /// Only devices of this model.
         #[arg(long)]
         model: Option<String>,
@@ -179,15 +183,7 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
             imei,
             public_key,
         } => {
-            let mut label_map = BTreeMap::new();
-            for label in labels {
-                let Some((key, value)) = label.split_once('=') else {
-                    return Err(CliError::Usage(format!(
-                        "--label {label:?}: expected KEY=VALUE"
-                    )));
-                };
-                label_map.insert(key.to_owned(), value.to_owned());
-            }
+            let label_map: BTreeMap<String, String> = labels.into_iter().collect();
             let body = serde_json::json!({
                 "id": id, "name": name, "model": model, "labels": label_map,
                 "mac": mac, "imei": imei, "public_key": public_key,
@@ -208,6 +204,8 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
         } => {
             let mut query = String::new();
             let limit = limit.map(|limit| limit.to_string());
+            // The API's query syntax is `label=KEY:VALUE`.
+            let label = label.map(|(key, value)| format!("{key}:{value}"));
             for (key, value) in [
                 ("status", status.as_deref()),
                 ("label", label.as_deref()),
@@ -251,6 +249,15 @@ pub async fn execute(args: DevicesArgs) -> Result<String, CliError> {
                 device["id"].as_str().unwrap_or(id.as_str())
             ))
         }
+    }
+}
+
+/// A `--label` argument: `KEY=VALUE`, or `KEY:VALUE` as in the API's query. Label keys
+/// hold neither `=` nor `:`, so the first of them ends the key; the value may hold both.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.find(['=', ':']) {
+        Some(at) if at > 0 => Ok((text[..at].to_owned(), text[at + 1..].to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
     }
 }
 
@@ -460,6 +467,52 @@ mod tests {
         assert_eq!(client.port, 80);
         assert!(Client::new("https://x", "t".into()).is_err());
         assert!(Client::new("http://x:notaport", "t".into()).is_err());
+    }
+
+    #[test]
+    fn shared_options_are_apart_from_the_subcommand_own() {
+        use clap::CommandFactory as _;
+
+        /// `fieldgate devices` alone.
+        #[derive(clap::Parser)]
+        struct Devices {
+            #[command(flatten)]
+            args: DevicesArgs,
+        }
+        let mut command = Devices::command();
+        // Propagates the global options to the subcommands, as parsing does.
+        command.build();
+        let help = command
+            .find_subcommand_mut("add")
+            .unwrap_or_else(|| panic!("no add"))
+            .render_help()
+            .to_string();
+        let (own, shared) = help
+            .split_once(GATEWAY_HEADING)
+            .unwrap_or_else(|| panic!("no {GATEWAY_HEADING:?} heading:\n{help}"));
+        assert!(
+            own.contains("--label") && !own.contains("--token"),
+            "{help}"
+        );
+        assert!(
+            shared.contains("--api") && shared.contains("--token"),
+            "{help}"
+        );
+        assert!(
+            shared.contains("admin token") && shared.contains("--admin-token"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn labels_take_either_separator() {
+        let pair = |key: &str, value: &str| Ok((key.to_owned(), value.to_owned()));
+        assert_eq!(parse_label("site=north"), pair("site", "north"));
+        assert_eq!(parse_label("site:north"), pair("site", "north"));
+        assert_eq!(parse_label("url=http://x?a=b"), pair("url", "http://x?a=b"));
+        assert_eq!(parse_label("empty="), pair("empty", ""));
+        assert!(parse_label("north").is_err());
+        assert!(parse_label("=north").is_err());
     }
 
     #[test]

@@ -25,7 +25,16 @@ use clap::{Parser, Subcommand};
 
 /// A lightweight IoT edge gateway: devices in, durable store-and-forward, cloud MQTT out.
 #[derive(Parser)]
-#[command(name = "fieldgate", version, about, long_about = None)]
+#[command(
+    name = "fieldgate",
+    version,
+    about,
+    long_about = "A lightweight IoT edge gateway: devices in, durable store-and-forward, \
+        cloud MQTT out.\n\n\
+        `run` serves the devices and the API; `check` validates a config without running it; \
+        `devices` and `deadletter` manage a running gateway through its API (loopback only). \
+        Every config key is described in docs/CONFIG.md. Logs go to stderr."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

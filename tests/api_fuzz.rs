@@ -1,11 +1,16 @@
 //! The registry API fuzzed from its own OpenAPI document: schemathesis (PyPI) runs against
 //! the built gateway and must find no 5xx; the gateway must still be alive afterwards.
 //!
-//! `scripts/test.sh` installs schemathesis when missing; without it this test says so and
-//! passes, so a bare `cargo test` still works on a machine without Python packages.
+//! Python: `$FIELDGATE_PYTHON` (set by `scripts/test.sh` to the virtual environment it
+//! installs schemathesis into, `target/pyenv`), else that environment if it exists, else
+//! `python3`. Without schemathesis the test fails and says how to install it.
+//!
+//! Time: a quick profile by default (about 40 s on 2 cores); `FIELDGATE_API_FUZZ=long` (set by CI)
+//! runs the long one (about 3 minutes on 2 cores).
 
 mod common;
 
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,8 +18,60 @@ use common::{Gateway, free_port, http_get};
 
 const ADMIN: &str = "fuzz-admin-token";
 
-fn schemathesis_available() -> bool {
-    Command::new("python3")
+/// Environment variable naming the Python interpreter that has schemathesis.
+const PYTHON_ENV: &str = "FIELDGATE_PYTHON";
+/// Environment variable choosing the profile: `long`, or the quick default.
+const PROFILE_ENV: &str = "FIELDGATE_API_FUZZ";
+
+/// How much fuzzing one schemathesis run (of two) may do.
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    max_examples: u32,
+    max_time_secs: u32,
+    /// When a run is cut off, should schemathesis overrun its own budget.
+    limit_secs: u64,
+}
+
+impl Profile {
+    const QUICK: Profile = Profile {
+        max_examples: 5,
+        max_time_secs: 15,
+        limit_secs: 90,
+    };
+    const LONG: Profile = Profile {
+        max_examples: 30,
+        max_time_secs: 90,
+        limit_secs: 300,
+    };
+
+    fn from_env() -> Profile {
+        match std::env::var(PROFILE_ENV).as_deref() {
+            Ok("long") => Profile::LONG,
+            Ok("quick") | Err(_) => Profile::QUICK,
+            Ok(other) => panic!("{PROFILE_ENV}={other:?}: expected \"long\" or \"quick\""),
+        }
+    }
+}
+
+/// The Python interpreter to run schemathesis with.
+fn python() -> PathBuf {
+    if let Some(python) = std::env::var_os(PYTHON_ENV) {
+        return PathBuf::from(python);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let venv = target.join("pyenv").join("bin").join("python");
+    if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("python3")
+    }
+}
+
+fn schemathesis_available(python: &PathBuf) -> bool {
+    Command::new(python)
         .args(["-c", "import schemathesis"])
         .output()
         .is_ok_and(|output| output.status.success())
@@ -31,10 +88,15 @@ pub fn registry_config(api_port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schemathesis_finds_no_server_error() {
+    let python = python();
     assert!(
-        schemathesis_available(),
-        "schemathesis is not installed: run scripts/test.sh, which installs it"
+        schemathesis_available(&python),
+        "{} cannot import schemathesis: run scripts/test.sh, which installs it into \
+         target/pyenv, or point {PYTHON_ENV} at a Python that has it",
+        python.display()
     );
+    let profile = Profile::from_env();
+    println!("schemathesis with {}, {profile:?}", python.display());
     let mut gateway = Gateway::start(&registry_config(free_port())).await;
     let api = gateway.api;
     let (status, document) = http_get(api, "/api/v1/openapi.json")
@@ -50,9 +112,8 @@ async fn schemathesis_finds_no_server_error() {
         ("--exclude-path-regex", device_routes),
         ("--include-path-regex", device_routes),
     ] {
-        let output = schemathesis(api, filter, pattern).await;
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let output = schemathesis(&python, profile, api, filter, pattern).await;
+        let (stdout, stderr) = (&output.stdout, &output.stderr);
         assert!(
             output.status.success(),
             "schemathesis {filter} failed ({}):\n{stdout}\n{stderr}\ngateway log:\n{}",
@@ -76,31 +137,59 @@ async fn schemathesis_finds_no_server_error() {
     assert_eq!(status, 200);
 }
 
-/// One bounded schemathesis run checking only for server errors.
+/// What one schemathesis run printed, and how it ended.
+struct Outcome {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// One bounded schemathesis run checking only for server errors; killed when it
+/// overruns the profile's limit.
 async fn schemathesis(
+    python: &PathBuf,
+    profile: Profile,
     api: std::net::SocketAddr,
     filter: &'static str,
     pattern: &'static str,
-) -> std::process::Output {
-    let run = tokio::task::spawn_blocking(move || {
-        let report = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
-        Command::new("python3")
-            .args(["-m", "schemathesis.cli", "run"])
-            .arg(format!("http://{api}/api/v1/openapi.json"))
-            .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
-            .args(["--checks", "not_a_server_error"])
-            .args([filter, pattern])
-            .args(["--max-examples", "30"])
-            .args(["--max-time", "90"])
-            .args(["--request-timeout", "15"])
-            .args(["--seed", "7"])
-            .arg("--no-color")
-            .current_dir(report.path())
-            .output()
-    });
-    tokio::time::timeout(Duration::from_secs(300), run)
-        .await
-        .unwrap_or_else(|_| panic!("schemathesis ran longer than 300 s"))
-        .unwrap_or_else(|err| panic!("{err}"))
-        .unwrap_or_else(|err| panic!("cannot run schemathesis: {err}"))
+) -> Outcome {
+    let report = tempfile::tempdir().unwrap_or_else(|err| panic!("{err}"));
+    let file = |name: &str| {
+        std::fs::File::create(report.path().join(name)).unwrap_or_else(|err| panic!("{err}"))
+    };
+    let mut child = Command::new(python)
+        .args(["-m", "schemathesis.cli", "run"])
+        .arg(format!("http://{api}/api/v1/openapi.json"))
+        .args(["--header", &format!("Authorization: Bearer {ADMIN}")])
+        .args(["--checks", "not_a_server_error"])
+        .args([filter, pattern])
+        .args(["--max-examples", &profile.max_examples.to_string()])
+        .args(["--max-time", &profile.max_time_secs.to_string()])
+        .args(["--request-timeout", "15"])
+        .args(["--seed", "7"])
+        .arg("--no-color")
+        .current_dir(report.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(file("stdout"))
+        .stderr(file("stderr"))
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot run schemathesis: {err}"));
+    let limit = Duration::from_secs(profile.limit_secs);
+    let status = common::eventually(limit, || child.try_wait().ok().flatten()).await;
+    let Some(status) = status else {
+        if let Err(err) = child.kill() {
+            eprintln!("kill schemathesis: {err}");
+        }
+        // Reaps the killed child.
+        let _reaped = child.wait();
+        panic!("schemathesis ran longer than {limit:?}");
+    };
+    let read = |name: &str| {
+        std::fs::read_to_string(report.path().join(name)).unwrap_or_else(|err| panic!("{err}"))
+    };
+    Outcome {
+        status,
+        stdout: read("stdout"),
+        stderr: read("stderr"),
+    }
 }

@@ -192,6 +192,100 @@ fn wrong_type_is_named() {
     );
 }
 
+/// `check`'s one-line error for `text`.
+fn rejection(name: &str, text: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(&dir, name, text);
+    let output = check(&path, &[]);
+    assert!(!output.status.success(), "{name}: check accepted:\n{text}");
+    let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+    let file = path.display().to_string();
+    stderr
+        .strip_prefix(&format!("error: {file}:"))
+        .unwrap_or_else(|| panic!("{name}: not `error: FILE:...`: {stderr}"))
+        .to_owned()
+}
+
+/// One test per message shape: the key is named once, and the expected value is said in
+/// the config's words, never as a Rust type.
+#[test]
+fn messages_name_the_key_once_in_config_words() {
+    // An unknown table inside a component: the table is the unknown key.
+    let text = replace_line(REFERENCE, "[sinks.cloud.buffer]", "[sinks.cloud.bufer]");
+    let line = line_of(&text, "[sinks.cloud.bufer]");
+    let message = rejection("unknown_table.toml", &text);
+    assert!(
+        message.starts_with(&format!(
+            "{line}: key `sinks.cloud.bufer`: unknown field `bufer`, expected one of "
+        )),
+        "{message}"
+    );
+
+    // An unknown top-level table: the top-level key, not the header.
+    let text = replace_line(REFERENCE, "[sources.devices]", "[source.devices]");
+    let line = line_of(&text, "[source.devices]");
+    let message = rejection("unknown_top_level.toml", &text);
+    assert!(
+        message.starts_with(&format!("{line}: key `source`: unknown field `source`")),
+        "{message}"
+    );
+
+    // A wrong type with its own words: QoS.
+    let text = replace_line(REFERENCE, "qos = 1", "qos = \"1\"");
+    let line = line_of(&text, "qos = ");
+    assert_eq!(
+        rejection("qos_string.toml", &text),
+        format!(
+            "{line}: key `sinks.cloud.qos`: invalid type: string \"1\", expected an integer 0, 1 or 2"
+        )
+    );
+
+    // Wrong types of plain integers and booleans.
+    let text = replace_line(
+        REFERENCE,
+        "framing = \"lines\"",
+        "framing = \"lines\"\nmax_errors = \"ten\"",
+    );
+    let line = line_of(&text, "max_errors");
+    assert_eq!(
+        rejection("integer_string.toml", &text),
+        format!(
+            "{line}: key `sources.devices.max_errors`: invalid type: string \"ten\", \
+             expected an integer from 0 to 4294967295"
+        )
+    );
+    let text = replace_line(
+        REFERENCE,
+        "framing = \"lines\"",
+        "framing = \"lines\"\nmax_errors = -1",
+    );
+    let message = rejection("negative.toml", &text);
+    assert!(
+        message.ends_with("key `sources.devices.max_errors`: invalid value: integer `-1`, expected an integer from 0 to 4294967295"),
+        "{message}"
+    );
+    let text = replace_line(
+        REFERENCE,
+        "framing = \"lines\"",
+        "framing = \"lines\"\nack = \"yes\"",
+    );
+    let line = line_of(&text, "ack = ");
+    assert_eq!(
+        rejection("bool_string.toml", &text),
+        format!(
+            "{line}: key `sources.devices.ack`: invalid type: string \"yes\", \
+             expected a boolean (true or false)"
+        )
+    );
+
+    // A table where a value belongs.
+    let text = format!("{REFERENCE}\n[sinks.cloud.qos_by_kind.alarm]\nx = 1\n");
+    let message = rejection("table_for_value.toml", &text);
+    for rust in ["i64", "u8", "u32", "struct ", "a map"] {
+        assert!(!message.contains(rust), "{message}");
+    }
+}
+
 #[test]
 fn input_naming_no_source_is_named() {
     let text = replace_line(

@@ -79,10 +79,23 @@ async fn devices_cli_round_trip_and_http_ingestion() {
         text(&duplicate)
     );
 
-    let listed = cli(&gateway, &["list", "--label", "site:north"], Some(ADMIN)).await;
-    assert!(listed.status.success(), "{}", text(&listed));
-    assert!(text(&listed).contains("meter-7"), "{}", text(&listed));
-    assert!(text(&listed).contains("1 device(s)"), "{}", text(&listed));
+    // Labels are KEY=VALUE in every command; the API's KEY:VALUE works too.
+    for label in ["site=north", "site:north"] {
+        let listed = cli(&gateway, &["list", "--label", label], Some(ADMIN)).await;
+        assert!(listed.status.success(), "{label}: {}", text(&listed));
+        assert!(
+            text(&listed).contains("meter-7"),
+            "{label}: {}",
+            text(&listed)
+        );
+        assert!(
+            text(&listed).contains("1 device(s)"),
+            "{label}: {}",
+            text(&listed)
+        );
+    }
+    let other = cli(&gateway, &["list", "--label", "site=south"], Some(ADMIN)).await;
+    assert!(text(&other).contains("0 device(s)"), "{}", text(&other));
 
     let shown = cli(&gateway, &["show", "meter-7", "--token", ADMIN], None).await;
     assert!(shown.status.success(), "{}", text(&shown));

@@ -146,11 +146,16 @@ impl SinkBuffer {
                             source,
                         })?;
                     if report.truncated_bytes > 0 || !report.quarantined.is_empty() {
+                        let quarantined: Vec<String> = report
+                            .quarantined
+                            .iter()
+                            .map(|path| path.display().to_string())
+                            .collect();
                         tracing::warn!(
                             sink,
                             lane = priority.as_str(),
                             truncated_bytes = report.truncated_bytes,
-                            quarantined = ?report.quarantined,
+                            quarantined = %quarantined.join(", "),
                             "buffer recovered from a torn or corrupt segment; bad bytes were moved aside"
                         );
                         corrupt_bytes.inc_by(report.truncated_bytes);

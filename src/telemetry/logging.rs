@@ -1,4 +1,9 @@
 //! Log set-up: `tracing` to stderr, text or JSON, level from config unless `RUST_LOG` is set.
+//!
+//! Colour only on a terminal: a file or journald gets plain text, and `NO_COLOR` (any
+//! non-empty value, <https://no-color.org>) turns it off everywhere.
+
+use std::io::IsTerminal as _;
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,8 +14,13 @@ pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = wants_colour(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     let installed = match config.format {
         LogFormat::Text => builder.try_init(),
@@ -18,5 +28,25 @@ pub fn init(config: &LogConfig) {
     };
     if installed.is_err() {
         tracing::debug!("a log subscriber was already installed; keeping it");
+    }
+}
+
+/// Colour when stderr is a terminal and `NO_COLOR` is unset or empty.
+fn wants_colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(std::ffi::OsStr::is_empty)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        let set = Some(std::ffi::OsStr::new("1"));
+        let empty = Some(std::ffi::OsStr::new(""));
+        assert!(wants_colour(true, None));
+        assert!(wants_colour(true, empty));
+        assert!(!wants_colour(true, set));
+        assert!(!wants_colour(false, None));
     }
 }

@@ -302,7 +302,8 @@ impl Watchdog {
             match assess(&self.limits, sample.rss_bytes, growth, last_alert, now) {
                 Decision::Healthy => {}
                 Decision::CoolingDown(breaches) => {
-                    tracing::debug!(breaches = ?breaches, "watchdog limit still exceeded; in cooldown");
+                    let breaches: Vec<String> = breaches.iter().map(ToString::to_string).collect();
+                    tracing::debug!(breaches = %breaches.join("; "), "watchdog limit still exceeded; in cooldown");
                 }
                 Decision::Alert(breaches) => {
                     last_alert = Some(now);

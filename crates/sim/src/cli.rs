@@ -30,21 +30,92 @@ pub struct Cli {
 /// Scenarios.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// N devices sending JSON over TCP to a gateway source (lines or length-prefixed, optional ack mode).
+    /// Simulate N devices sending JSON over TCP to a gateway source (lines or length-prefixed, optional ack mode).
+    #[command(after_help = RUN_SUMMARY_HELP)]
     Tcp(TcpArgs),
-    /// N devices publishing over MQTT (to measure a broker, e.g. Mosquitto, as a peer).
+    /// Simulate N devices publishing over MQTT (to measure a broker, e.g. Mosquitto, as a peer).
+    #[command(
+        after_help = RUN_SUMMARY_HELP,
+        mut_arg("rate", |arg| arg.help(
+            "Messages per second per device; 0 = as fast as possible (at QoS 1 and 2 bounded by --window)"
+        )),
+        mut_arg("window", |arg| arg.help(
+            "Most QoS 1 and 2 publishes per device awaiting PUBACK/PUBCOMP"
+        )),
+    )]
     Mqtt(MqttArgs),
     /// Open N TCP connections and hold them (RSS per idle connection).
-    #[command(
-        long_about = "Open N TCP connections (optionally sending a hello or one message \
-        each) and hold them for --hold, then report how many stayed connected.\n\n\
-        Each connection is a file descriptor here and in the gateway: raise RLIMIT_NOFILE first \
-        (`ulimit -n 65536`). If it runs out (EMFILE) the tool prints a clear error at once and the summary counts the connections that failed."
-    )]
+    #[command(after_help = IDLE_SUMMARY_HELP)]
     Idle(IdleArgs),
-    /// Connect and disconnect as fast as possible; reports connects per second.
+    /// Connect and disconnect as fast as possible (connect churn); reports connects per second.
+    #[command(after_help = STORM_SUMMARY_HELP)]
     Storm(StormArgs),
 }
+
+/// The fields of the tcp and mqtt summary (`stats::Summary`), for `--help` and the README.
+pub const RUN_SUMMARY_HELP: &str = "\
+Summary (JSON on stdout; the fields marked * need --subscribe and are null without it):
+  scenario          \"tcp\" or \"mqtt\"
+  devices           simulated devices
+  sent              distinct messages sent (first transmissions): exactly devices × rate ×
+                    duration when rate × duration is a whole number (or --messages per
+                    device); fewer only when a device fell more than 1 s behind its schedule
+                    because the target could not keep up
+  acked             messages acknowledged: gateway acks (tcp --ack) or PUBACK/PUBCOMP
+                    (mqtt at QoS 1 and 2); null when nothing is acknowledged
+  received *        distinct messages of this run that arrived at the subscriber
+  lost *            sent but never received; with drain_timed_out also those still queued
+                    upstream (e.g. in the gateway's buffer)
+  duplicates *      redeliveries of a message already received (at-least-once)
+  connect_failures  failed connection attempts
+  duration_s        seconds from the run start to the last send
+  send_rate         sent / duration_s
+  receive_rate *    received / seconds from the run start to the last new arrival
+  latency_us *      send-to-arrival latency in microseconds: p50, p90, p99, p999, max
+  resent            retransmissions after a reconnect (not counted in sent)
+  nacked            messages the gateway refused with a nack (tcp --ack)
+  disconnects       established connections that were lost
+  stale *           arrivals stamped before this run started (an earlier run's backlog,
+                    retained messages); ignored
+  foreign *         arrivals for device ids outside PREFIX-1..=PREFIX-N; ignored
+  unexpected *      arrivals with a seq the device never sent
+  unrecognized *    arrivals without device, seq and send time: the gateway's status events
+                    (each device's online and offline, the gateway's own status) and any
+                    other traffic on --sub-topic; ignored
+  drain_s *         seconds spent waiting for stragglers after sending
+  drain_timed_out * true when --drain-timeout ended that wait
+  errors            the first error of each kind and how many there were";
+
+/// How idle works, and the fields of its summary (`idle::IdleSummary`).
+pub const IDLE_SUMMARY_HELP: &str = "\
+Each connection (optionally sending a hello or one message) is held for --hold. Each is a
+file descriptor here and in the gateway: raise RLIMIT_NOFILE first (`ulimit -n 65536`). If
+it runs out (EMFILE) the tool says so at once and the summary counts the failed connections.
+
+Summary (JSON on stdout):
+  scenario          \"idle\"
+  devices           connections requested
+  connected         connections still open at the end of the hold
+  peak_connected    most connections open at once
+  connect_failures  failed connection attempts
+  closed_by_peer    connections the gateway closed during the hold
+  connect_s         seconds to open every connection
+  hold_s            seconds held
+  errors            the first error of each kind and how many there were";
+
+/// The fields of the storm summary (`storm::StormSummary`).
+pub const STORM_SUMMARY_HELP: &str = "\
+Summary (JSON on stdout):
+  scenario          \"storm\"
+  concurrency       connections in flight at once
+  connects          accepted connections (welcomed, with --hello)
+  connect_failures  failed attempts (refused, timed out, no welcome)
+  duration_s        seconds stormed
+  connects_per_s    connects / duration_s
+  connect_us        time to establish an accepted connection (TCP, TLS, welcome) in
+                    microseconds: p50, p90, p99, p999, max; values near 1 s or 3 s are SYN
+                    retransmits after the listener's accept queue overflowed
+  errors            the first error of each kind and how many there were";
 
 /// Parses "5" (seconds), "1.5", "500ms", "2m", "1h 30m".
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -86,6 +157,7 @@ fn parse_rate(text: &str) -> Result<f64, String> {
 
 /// The behaviour of the simulated devices (tcp and mqtt).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Devices")]
 pub struct DeviceArgs {
     /// Number of devices (one connection each).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -121,6 +193,7 @@ pub struct DeviceArgs {
 
 /// The upstream subscriber that measures delivery (tcp and mqtt).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Measuring at a broker")]
 pub struct SubscribeArgs {
     /// Subscribe to this broker and measure loss, duplicates and latency (mqtt:// or mqtts://).
     #[arg(long, value_name = "URL")]
@@ -135,17 +208,18 @@ pub struct SubscribeArgs {
 
 /// Where and how to connect over TCP (tcp, idle, storm).
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Target")]
 pub struct TargetArgs {
     /// Gateway TCP source address.
     #[arg(long, default_value = "127.0.0.1:7000")]
     pub target: String,
-    /// Wire framing of the source.
-    #[arg(long, value_enum, default_value = "lines")]
+    /// Wire framing of the source: lines or length_prefixed.
+    #[arg(long, value_enum, default_value = "lines", hide_possible_values = true)]
     pub framing: Framing,
     /// Send {"type":"hello","device":ID[,"token":T]} first on every connection.
     #[arg(long)]
     pub hello: bool,
-    /// Token for the hello (implies --hello).
+    /// The devices' token for the hello, as in the source's `tokens` (implies --hello).
     #[arg(long)]
     pub token: Option<String>,
     /// JSON object mapping device id -> token: each hello carries its device's own token
@@ -155,12 +229,12 @@ pub struct TargetArgs {
     /// Connect with TLS.
     #[arg(long)]
     pub tls: bool,
-    /// TLS options.
-    #[command(flatten)]
-    pub tls_args: TlsArgs,
     /// Allow a non-loopback target.
     #[arg(long)]
     pub allow_remote: bool,
+    /// TLS options (a flattened group sets the help heading of what follows: keep it last).
+    #[command(flatten)]
+    pub tls_args: TlsArgs,
 }
 
 impl TargetArgs {
@@ -178,12 +252,12 @@ impl TargetArgs {
 /// `tcp` options.
 #[derive(Debug, Clone, Args)]
 pub struct TcpArgs {
-    /// Target and framing.
-    #[command(flatten)]
-    pub target: TargetArgs,
     /// Ack mode: expect {"type":"ack","seq":N}, keep unacked messages, resend them after a reconnect.
     #[arg(long)]
     pub ack: bool,
+    /// Target and framing.
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// Device behaviour.
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -215,15 +289,15 @@ pub struct MqttArgs {
     /// Publish QoS.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
-    /// MQTT protocol version of the devices.
-    #[arg(long, value_enum, default_value = "3.1.1")]
+    /// MQTT protocol version of the devices: 3.1.1 or 5.
+    #[arg(long, value_enum, default_value = "3.1.1", hide_possible_values = true)]
     pub protocol: MqttProtocol,
-    /// TLS options for mqtts:// (devices and subscriber).
-    #[command(flatten)]
-    pub tls_args: TlsArgs,
     /// Allow a non-loopback broker.
     #[arg(long)]
     pub allow_remote: bool,
+    /// TLS options for mqtts:// (devices and subscriber).
+    #[command(flatten)]
+    pub tls_args: TlsArgs,
     /// Device behaviour.
     #[command(flatten)]
     pub device: DeviceArgs,
@@ -235,9 +309,6 @@ pub struct MqttArgs {
 /// `idle` options.
 #[derive(Debug, Clone, Args)]
 pub struct IdleArgs {
-    /// Target and framing.
-    #[command(flatten)]
-    pub target: TargetArgs,
     /// Number of connections.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub devices: u32,
@@ -256,14 +327,14 @@ pub struct IdleArgs {
     /// Send {"type":"heartbeat"} this often while holding (keeps the gateway's heartbeat timeout away).
     #[arg(long, value_parser = parse_duration)]
     pub heartbeat: Option<Duration>,
+    /// Target and framing (a flattened group sets the help heading of what follows: keep it last).
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 /// `storm` options.
 #[derive(Debug, Clone, Args)]
 pub struct StormArgs {
-    /// Target and framing.
-    #[command(flatten)]
-    pub target: TargetArgs,
     /// How long to storm. Bare numbers are seconds.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub duration: Duration,
@@ -273,6 +344,9 @@ pub struct StormArgs {
     /// Device ids are PREFIX-1, PREFIX-2, ... (used in hellos; with --tokens, the file's ids instead).
     #[arg(long, default_value = "dev", value_parser = parse_prefix)]
     pub prefix: String,
+    /// Target and framing (a flattened group sets the help heading of what follows: keep it last).
+    #[command(flatten)]
+    pub target: TargetArgs,
 }
 
 #[cfg(test)]
@@ -283,6 +357,87 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    /// Every field of `summary` is explained in `help` and named in the README.
+    fn documented(help: &str, summary: &impl serde::Serialize) {
+        let readme = include_str!("../../../README.md");
+        let value = serde_json::to_value(summary).unwrap();
+        for key in value.as_object().unwrap().keys() {
+            assert!(
+                help.lines()
+                    .any(|line| line.trim_start().starts_with(&format!("{key} "))),
+                "summary field {key} is not explained in --help:\n{help}"
+            );
+            assert!(
+                readme.contains(&format!("`{key}`")),
+                "summary field {key} is not explained in README.md"
+            );
+        }
+    }
+
+    #[test]
+    fn every_summary_field_is_explained() {
+        let run = crate::stats::Summary {
+            scenario: "tcp",
+            devices: 1,
+            sent: 0,
+            acked: None,
+            received: None,
+            lost: None,
+            duplicates: None,
+            connect_failures: 0,
+            duration_s: 0.0,
+            send_rate: 0.0,
+            receive_rate: None,
+            latency_us: None,
+            resent: 0,
+            nacked: 0,
+            disconnects: 0,
+            stale: None,
+            foreign: None,
+            unexpected: None,
+            unrecognized: None,
+            drain_s: None,
+            drain_timed_out: None,
+            errors: Default::default(),
+        };
+        documented(RUN_SUMMARY_HELP, &run);
+        let idle = crate::idle::IdleSummary {
+            scenario: "idle",
+            devices: 1,
+            connected: 0,
+            peak_connected: 0,
+            connect_failures: 0,
+            closed_by_peer: 0,
+            connect_s: 0.0,
+            hold_s: 0.0,
+            errors: Default::default(),
+        };
+        documented(IDLE_SUMMARY_HELP, &idle);
+        let storm = crate::storm::StormSummary {
+            scenario: "storm",
+            concurrency: 1,
+            connects: 0,
+            connect_failures: 0,
+            duration_s: 0.0,
+            connects_per_s: 0.0,
+            connect_us: None,
+            errors: Default::default(),
+        };
+        documented(STORM_SUMMARY_HELP, &storm);
+    }
+
+    #[test]
+    fn mqtt_help_does_not_mention_ack_mode() {
+        let mut command = Cli::command();
+        let mqtt = command
+            .find_subcommand_mut("mqtt")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!mqtt.contains("ack mode"), "{mqtt}");
+        assert!(mqtt.contains("unrecognized"), "{mqtt}");
     }
 
     #[test]

@@ -383,15 +383,16 @@ pub async fn device(plan: Arc<MqttPlan>, run: Arc<RunShared>, slot: usize) {
         let mut pacer = Pacer::new(model.rate, model.jitter, started, &mut rng);
         let mut seq = 0u64;
         'send: while seq < model.messages {
-            let due = pacer.due().min(send_until);
+            let Some(due) = pacer.next_due(Instant::now(), send_until) else {
+                break;
+            };
             if due > Instant::now() {
                 tokio::select! {
                     () = stop.cancelled() => break 'send,
                     () = sleep_until(due) => {}
                 }
             }
-            let now = Instant::now();
-            if now >= send_until || stop.is_cancelled() {
+            if stop.is_cancelled() {
                 break;
             }
             seq += 1;

@@ -22,6 +22,7 @@ pub type BoxConn = Box<dyn Conn>;
 
 /// TLS client options shared by the TCP devices and the MQTT clients.
 #[derive(Debug, Clone, Default, Args)]
+#[command(next_help_heading = "TLS")]
 pub struct TlsArgs {
     /// CA certificate (PEM) to verify the server; default: the system bundle.
     #[arg(long, value_name = "PEM")]

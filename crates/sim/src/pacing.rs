@@ -3,10 +3,18 @@
 //! Pacing follows a fixed schedule (message k is due at origin + k/rate, plus
 //! jitter), so a late send is caught up rather than silently lowering the rate.
 //! Each device starts at a random phase so devices do not fire in lockstep.
+//!
+//! A run sends exactly the messages whose slot (due time without jitter) lies
+//! inside it: `rate × duration` per device when that is a whole number, however
+//! late a timer fires. Only a device more than [`LATE_SEND_GRACE`] behind its
+//! schedule at the end (a target that cannot keep up) sends fewer.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+/// How long past its end a run still sends messages whose slots lie inside it.
+pub const LATE_SEND_GRACE: Duration = Duration::from_secs(1);
 
 /// The send schedule of one device.
 #[derive(Debug, Clone)]
@@ -15,6 +23,7 @@ pub struct Pacer {
     jitter: f64,
     origin: Instant,
     index: u32,
+    slot: Instant,
     due: Instant,
 }
 
@@ -29,13 +38,23 @@ impl Pacer {
             jitter: jitter.clamp(0.0, 1.0),
             origin,
             index: 0,
+            slot: origin,
             due: origin,
         }
     }
 
-    /// When the next message is due (in the past when running behind or unpaced).
-    pub fn due(&self) -> Instant {
-        self.due
+    /// When the next message is due in a run that ends at `end`, or `None` when it
+    /// does not belong to the run. Paced, it belongs when its slot lies before `end`
+    /// (jitter never moves it past `end`); unpaced, while `now` is before `end`.
+    /// Nothing belongs once `now` is [`LATE_SEND_GRACE`] past `end`.
+    pub fn next_due(&self, now: Instant, end: Instant) -> Option<Instant> {
+        if now >= end + LATE_SEND_GRACE {
+            return None;
+        }
+        match self.interval {
+            Some(_) => (self.slot < end).then(|| self.due.min(end)),
+            None => (now < end).then_some(self.due),
+        }
     }
 
     /// True when sends are unpaced (rate 0).
@@ -50,6 +69,7 @@ impl Pacer {
         };
         self.index = self.index.saturating_add(1);
         let nominal = self.origin + interval * self.index;
+        self.slot = nominal;
         let offset = interval.mul_f64(self.jitter * rng.f64());
         // Jitter moves a send up to ±jitter·interval around its slot; the mean rate is unchanged.
         self.due = if rng.bool() {
@@ -103,15 +123,65 @@ mod tests {
         let mut rng = fastrand::Rng::with_seed(1);
         let start = Instant::now();
         let mut pacer = Pacer::new(10.0, 0.5, start, &mut rng);
-        let first = pacer.due();
+        let far = start + Duration::from_secs(86_400);
+        let due = |pacer: &Pacer| pacer.next_due(start, far).unwrap();
+        let first = due(&pacer);
         assert!(first >= start && first < start + Duration::from_millis(100));
         for _ in 0..1000 {
             pacer.advance(&mut rng);
         }
-        let elapsed = pacer.due() - first;
+        let elapsed = due(&pacer) - first;
         assert!(
             elapsed > Duration::from_millis(99_950) && elapsed < Duration::from_millis(100_050)
         );
+    }
+
+    /// Sends every message the schedule allows, each `lateness` after it is due.
+    fn messages_in_run(
+        rate: f64,
+        jitter: f64,
+        run: Duration,
+        lateness: Duration,
+        seed: u64,
+    ) -> u64 {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let start = Instant::now();
+        let end = start + run;
+        let mut pacer = Pacer::new(rate, jitter, start, &mut rng);
+        let mut now = start;
+        let mut sent = 0;
+        while let Some(due) = pacer.next_due(now, end) {
+            now = now.max(due) + lateness;
+            if pacer.next_due(now, end).is_none() {
+                break;
+            }
+            sent += 1;
+            pacer.advance(&mut rng);
+        }
+        sent
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_sends_exactly_rate_times_duration() {
+        // The summary's `sent` is devices × rate × duration: timers that fire late (up
+        // to the grace) and jitter change when messages go, not how many.
+        let run = Duration::from_secs(20);
+        for seed in 0..200 {
+            for (jitter, lateness) in [
+                (0.0, Duration::ZERO),
+                (0.0, Duration::from_millis(2)),
+                (0.5, Duration::from_millis(1)),
+            ] {
+                assert_eq!(
+                    messages_in_run(10.0, jitter, run, lateness, seed),
+                    200,
+                    "seed {seed}, jitter {jitter}, lateness {lateness:?}"
+                );
+            }
+        }
+        // A device that falls further behind than the grace stops at the end plus the grace.
+        let behind = messages_in_run(10.0, 0.0, run, Duration::from_millis(150), 1);
+        assert!((100..190).contains(&behind), "{behind}");
     }
 
     #[tokio::test(start_paused = true)]
@@ -121,7 +191,10 @@ mod tests {
         let mut pacer = Pacer::new(0.0, 0.0, start, &mut rng);
         pacer.advance(&mut rng);
         assert!(pacer.unpaced());
-        assert_eq!(pacer.due(), start);
+        assert_eq!(
+            pacer.next_due(start, start + Duration::from_secs(1)),
+            Some(start)
+        );
     }
 
     #[test]

@@ -189,7 +189,12 @@ impl Device {
     }
 
     fn check_done(&mut self, plan: &TcpPlan) {
-        if self.seq >= plan.model.messages || Instant::now() >= self.send_until {
+        if self.seq >= plan.model.messages
+            || self
+                .pacer
+                .next_due(Instant::now(), self.send_until)
+                .is_none()
+        {
             self.done_sending = true;
         }
     }
@@ -222,7 +227,10 @@ impl Device {
             }
             let can_send =
                 !self.done_sending && (!plan.ack || self.unacked.len() < plan.model.window);
-            let due = self.pacer.due().min(self.send_until);
+            let due = self
+                .pacer
+                .next_due(Instant::now(), self.send_until)
+                .unwrap_or(self.send_until);
             tokio::select! {
                 biased;
                 () = run.cancel.cancelled() => return SessionEnd::Finished,
@@ -260,12 +268,17 @@ impl Device {
         };
         let mut sent = 0u64;
         for _ in 0..limit {
-            if self.seq >= plan.model.messages || now >= self.send_until {
+            if self.seq >= plan.model.messages {
                 self.done_sending = true;
                 break;
             }
-            if self.pacer.due() > now {
-                break;
+            match self.pacer.next_due(now, self.send_until) {
+                None => {
+                    self.done_sending = true;
+                    break;
+                }
+                Some(due) if due > now => break,
+                Some(_) => {}
             }
             self.seq += 1;
             // Bumped before the write, so the subscriber never sees a seq it does not know about.

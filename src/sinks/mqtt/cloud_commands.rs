@@ -123,7 +123,7 @@ pub async fn accept(
         tokio::task::spawn_blocking(move || commands.submit(target.as_str(), new)).await;
     match submitted {
         Ok(Ok(queued)) => {
-            tracing::info!(sink, %device, command = id, state = ?queued.state, "command accepted");
+            tracing::info!(sink, %device, command = id, state = queued.state.as_str(), "command accepted");
             Accepted::Stored
         }
         Ok(Err(err @ RegistryError::Storage { .. })) => {

@@ -164,7 +164,11 @@ impl TcpSource {
         let limit = Arc::new(Semaphore::new(self.max_connections));
         let connections = TaskTracker::new();
         let name = Arc::clone(&self.shared.settings.name);
-        tracing::info!(source = %name, address = ?self.listener.local_addr().ok(), tls = self.tls.is_some(), "accepting devices");
+        let address = self.listener.local_addr().map_or_else(
+            |err| format!("unknown ({err})"),
+            |address| address.to_string(),
+        );
+        tracing::info!(source = %name, %address, tls = self.tls.is_some(), "accepting devices");
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,

@@ -144,7 +144,7 @@ async fn cpu_profile(
     };
     tracing::info!(
         seconds = request.duration.as_secs(),
-        format = ?request.format,
+        format = request.format.name(),
         "taking a CPU profile for the admin API"
     );
     match state
@@ -163,7 +163,8 @@ async fn cpu_profile(
                 ProfileError::Busy => StatusCode::CONFLICT,
                 ProfileError::Cancelled => StatusCode::SERVICE_UNAVAILABLE,
                 ProfileError::Failed { .. } => {
-                    tracing::error!(error = %err, source = ?std::error::Error::source(&err), "CPU profile failed");
+                    let cause = std::error::Error::source(&err).map(ToString::to_string);
+                    tracing::error!(error = %err, cause = cause.as_deref().unwrap_or(""), "CPU profile failed");
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
             };

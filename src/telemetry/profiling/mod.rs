@@ -36,6 +36,14 @@ pub enum ProfileFormat {
 }
 
 impl ProfileFormat {
+    /// The `format` query value that selects this encoding, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Flamegraph => "flamegraph",
+            Self::Pprof => "pprof",
+        }
+    }
+
     /// The HTTP `Content-Type` of this encoding.
     pub fn content_type(self) -> &'static str {
         match self {
