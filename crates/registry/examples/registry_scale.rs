@@ -88,7 +88,24 @@ fn populate(dir: &Path, devices: usize) -> Result<(), Error> {
         added,
         devices as f64 / added.as_secs_f64()
     );
+    println!("file: {}", file_usage(&options(dir).path)?);
     Ok(())
+}
+
+/// The file's size and how much of it redb has allocated (it grows the file in doubling
+/// steps, so the size alone says little).
+fn file_usage(path: &Path) -> Result<String, Error> {
+    let size = std::fs::metadata(path)?.len();
+    let db = redb::Database::open(path)?;
+    let txn = db.begin_write()?;
+    let stats = txn.stats()?;
+    let in_use = stats.allocated_pages() * stats.page_size() as u64;
+    txn.abort()?;
+    Ok(format!(
+        "{:.1} MiB, {:.1} MiB of it in use",
+        size as f64 / 1048576.0,
+        in_use as f64 / 1048576.0
+    ))
 }
 
 /// `VmRSS` and `VmHWM` of this process, in MiB.
@@ -127,10 +144,6 @@ fn read_pairs(path: &Path) -> Result<Vec<(String, String)>, Error> {
 
 fn measure(dir: &Path, devices: usize) -> Result<(), Error> {
     let options = options(dir);
-    println!(
-        "file size: {:.1} MiB",
-        std::fs::metadata(&options.path)?.len() as f64 / 1048576.0
-    );
     print_memory("before open")?;
     let started = Instant::now();
     let registry = Arc::new(Registry::open(options.clone())?);
@@ -288,9 +301,6 @@ fn measure(dir: &Path, devices: usize) -> Result<(), Error> {
     println!("flush() of 1 dirty device: {:.2?}", started.elapsed());
     print_memory("at the end")?;
     drop(registry);
-    println!(
-        "file size after flush: {:.1} MiB",
-        std::fs::metadata(&options.path)?.len() as f64 / 1048576.0
-    );
+    println!("file after flush: {}", file_usage(&options.path)?);
     Ok(())
 }
