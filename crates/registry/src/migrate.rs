@@ -18,6 +18,7 @@ pub(crate) fn devices_to_binary(txn: &WriteTransaction) -> Result<(), BoxError> 
                 .map_err(|e| format!("corrupt record {id:?} in table devices: {e}"))?;
             record.device.id = id.to_owned();
             tables.put(&record)?;
+            tables.put_legacy_refresh(&record)?;
         }
     }
     txn.delete_table(LEGACY_DEVICES)?;
@@ -58,12 +59,15 @@ mod tests {
         });
         record.secret_hash = Some(crypto::sha256(secret.as_bytes()));
         record.credential_version = 7;
+        record.refresh_hash = Some(crypto::sha256(format!("refresh-of-{id}").as_bytes()));
+        record.refresh_expires_at_ms = 1_000_000;
         record
     }
 
     /// A file as the JSON-record code wrote it (schema 1, counter at 9) opens, is migrated,
     /// and behaves as before: secrets check, fields and counters survive, the MAC still
-    /// belongs to its device, and versions keep counting from the stored counter.
+    /// belongs to its device, a refresh token issued then still works once, and versions
+    /// keep counting from the stored counter.
     #[test]
     fn a_schema_1_file_is_migrated_at_open() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
@@ -121,6 +125,14 @@ mod tests {
             matches!(taken, Err(RegistryError::Conflict { .. })),
             "{taken:?}"
         );
+
+        let refreshed = registry.refresh("refresh-of-dev-a")?;
+        assert!(matches!(
+            registry.refresh("refresh-of-dev-a"),
+            Err(AuthError::BadCredentials)
+        ));
+        assert_eq!(registry.authenticate_jwt(&refreshed.access_token)?, "dev-a");
+        registry.refresh(&refreshed.refresh_token)?;
 
         let rotated = registry.rotate_secret("dev-b")?;
         let sub = registry.authenticate_jwt(&rotated.tokens.access_token)?;

@@ -393,7 +393,9 @@ impl Registry {
             }
             None
         };
-        let refresh = crypto::b64url(&self.random()?);
+        // The device id up front lets `refresh` find the record by key; the secret part is
+        // base64url, so the id ends at the last '.'.
+        let refresh = format!("{}.{}", record.device.id, crypto::b64url(&self.random()?));
         record.refresh_hash = Some(crypto::sha256(refresh.as_bytes()));
         record.refresh_expires_at_ms = now_ms.saturating_add(ms(self.options.refresh_ttl));
         Ok(Issued {
@@ -1128,15 +1130,23 @@ impl Registry {
         let presented = crypto::sha256(refresh_token.as_bytes());
         let _writer = self.lock_writer();
         let now_ms = self.now_ms();
-        let id = self
-            .store
-            .device_with_refresh(&presented)
-            .map_err(|_| AuthError::BadCredentials)?
-            .ok_or(AuthError::BadCredentials)?;
+        let id = match refresh_token.rsplit_once('.') {
+            Some((id, _)) => id.to_owned(),
+            // Issued before refresh tokens carried their device id (a migrated schema-1 file).
+            None => self
+                .store
+                .device_with_legacy_refresh(&presented)
+                .map_err(|_| AuthError::BadCredentials)?
+                .ok_or(AuthError::BadCredentials)?,
+        };
         let mut record = self
             .load_record(&id)
             .map_err(|_| AuthError::BadCredentials)?
-            .ok_or(AuthError::UnknownDevice)?;
+            .ok_or(AuthError::BadCredentials)?;
+        let stored = record.refresh_hash.ok_or(AuthError::BadCredentials)?;
+        if !crypto::ct_eq(&stored, &presented) {
+            return Err(AuthError::BadCredentials);
+        }
         if record.device.status == DeviceStatus::Revoked {
             return Err(AuthError::Revoked);
         }

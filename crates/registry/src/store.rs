@@ -4,12 +4,14 @@
 //!
 //! Tables: `device_auth` (id → binary head: secret hash, credential version, live status and
 //! counters; loaded at open and rewritten by a status flush), `device_records` (id → binary
-//! profile: the rest of the [`DeviceRecord`]; see [`crate::record`] for both), `device_by_mac`, `device_by_imei` (identifier → id), `device_by_refresh` (SHA-256 of the
-//! live refresh token → id), `provisioning_tokens` (id → JSON [`TokenRecord`]), `commands`
-//! ((device id, command id) → JSON [`Command`]), `meta` (`jwt_key` → 32 raw bytes, `schema`
-//! → version, `next_credential_version` → u64 big-endian, and after a key rotation
+//! profile: the rest of the [`DeviceRecord`]; see [`crate::record`] for both),
+//! `device_by_mac` and `device_by_imei` (identifier → id), `device_by_legacy_refresh`
+//! (SHA-256 of a refresh token issued before tokens named their device → id; filled only by
+//! the migration), `provisioning_tokens` (id → JSON [`TokenRecord`]), `commands` ((device
+//! id, command id) → JSON [`Command`]), `meta` (`jwt_key` → 32 raw bytes, `schema` →
+//! version, `next_credential_version` → u64 big-endian, and after a key rotation
 //! `previous_jwt_key` → 32 raw bytes with `previous_jwt_key_until` → u64 big-endian ms since
-//! the epoch). The four other `device_*` tables are kept in step with `device_records` by
+//! the epoch). The other `device_*` tables are kept in step with `device_records` by
 //! [`DeviceTables`], in the same transaction.
 //!
 //! Schema 1 kept devices as JSON in a `devices` table; [`crate::migrate`] rewrites such a file
@@ -46,7 +48,8 @@ const DEVICE_AUTH: TableDefinition<&str, &[u8]> = TableDefinition::new("device_a
 const DEVICE_RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_records");
 const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("device_by_mac");
 const BY_IMEI: TableDefinition<&str, &str> = TableDefinition::new("device_by_imei");
-const BY_REFRESH: TableDefinition<&[u8], &str> = TableDefinition::new("device_by_refresh");
+const LEGACY_REFRESH: TableDefinition<&[u8], &str> =
+    TableDefinition::new("device_by_legacy_refresh");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("provisioning_tokens");
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -364,10 +367,14 @@ impl Store {
             .map(|id| id.value().to_owned()))
     }
 
-    /// Which device's live refresh token hashes to `hash`.
-    pub(crate) fn device_with_refresh(&self, hash: &Hash) -> Result<Option<String>, RegistryError> {
+    /// Which device's live refresh token, issued before tokens named their device, hashes
+    /// to `hash`.
+    pub(crate) fn device_with_legacy_refresh(
+        &self,
+        hash: &Hash,
+    ) -> Result<Option<String>, RegistryError> {
         let txn = self.begin_read()?;
-        let table = txn.open_table(BY_REFRESH).map_err(|e| self.redb(e))?;
+        let table = txn.open_table(LEGACY_REFRESH).map_err(|e| self.redb(e))?;
         Ok(table
             .get(hash.as_slice())
             .map_err(|e| self.redb(e))?
@@ -483,7 +490,7 @@ pub(crate) struct DeviceTables<'txn> {
     records: Table<'txn, &'static str, &'static [u8]>,
     by_mac: Table<'txn, &'static str, &'static str>,
     by_imei: Table<'txn, &'static str, &'static str>,
-    by_refresh: Table<'txn, &'static [u8], &'static str>,
+    legacy_refresh: Table<'txn, &'static [u8], &'static str>,
 }
 
 impl<'txn> DeviceTables<'txn> {
@@ -494,7 +501,7 @@ impl<'txn> DeviceTables<'txn> {
             records: txn.open_table(DEVICE_RECORDS)?,
             by_mac: txn.open_table(BY_MAC)?,
             by_imei: txn.open_table(BY_IMEI)?,
-            by_refresh: txn.open_table(BY_REFRESH)?,
+            legacy_refresh: txn.open_table(LEGACY_REFRESH)?,
         })
     }
 
@@ -522,11 +529,11 @@ impl<'txn> DeviceTables<'txn> {
         }
         if let Some(hash) = &refresh_hash {
             let owned = self
-                .by_refresh
+                .legacy_refresh
                 .get(hash.as_slice())?
                 .is_some_and(|owner| owner.value() == id);
             if owned {
-                self.by_refresh.remove(hash.as_slice())?;
+                self.legacy_refresh.remove(hash.as_slice())?;
             }
         }
         Ok(())
@@ -547,8 +554,14 @@ impl<'txn> DeviceTables<'txn> {
         if let Some(imei) = &record.device.imei {
             self.by_imei.insert(imei.as_str(), id)?;
         }
+        Ok(())
+    }
+
+    /// Index a migrated device's refresh token, which does not name its device.
+    pub(crate) fn put_legacy_refresh(&mut self, record: &DeviceRecord) -> Result<(), BoxError> {
         if let Some(hash) = &record.refresh_hash {
-            self.by_refresh.insert(hash.as_slice(), id)?;
+            self.legacy_refresh
+                .insert(hash.as_slice(), record.device.id.as_str())?;
         }
         Ok(())
     }
