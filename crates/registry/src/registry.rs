@@ -42,6 +42,8 @@ pub const MAX_TOKEN_USES: u32 = 1_000_000;
 pub const MAX_CHALLENGES: usize = 100_000;
 /// Longest secret, token or refresh token accepted on input (ours are 43 characters).
 const MAX_CREDENTIAL_LEN: usize = 256;
+/// Devices whose status one flush transaction writes: bounds the memory of a large flush.
+const FLUSH_CHUNK: usize = 10_000;
 /// Capacity of the revocation channel; a lagging receiver should treat `Lagged` as "re-check all".
 const REVOCATION_CAPACITY: usize = 4096;
 
@@ -1221,35 +1223,41 @@ impl Registry {
         self.read().dirty.len()
     }
 
-    /// Write changed status and counters to disk (one durable transaction). The daemon calls
-    /// this every few seconds from a blocking task, and on shutdown; `record_*` never touch disk.
+    /// Write changed status and counters to disk (durable transactions of up to
+    /// 10,000 devices, in id order). The daemon calls this every few seconds from a
+    /// blocking task, and on shutdown; `record_*` never touch disk. On an error, devices not
+    /// yet written stay dirty.
     pub fn flush(&self) -> Result<(), RegistryError> {
         let _writer = self.lock_writer();
-        let (ids, writes): (Vec<String>, Vec<Write>) = {
-            let mut state = self.write_state();
-            let mut ids: Vec<String> = state.dirty.drain().collect();
-            // In key order, each B-tree page is written once per flush.
-            ids.sort_unstable();
-            let writes = ids
-                .iter()
-                .filter_map(|id| {
-                    let hot = state.devices.get(id.as_str())?;
-                    Some(Write::PutHead {
-                        id: id.clone(),
-                        head: hot.head(),
+        let mut ids: Vec<String> = std::mem::take(&mut self.write_state().dirty)
+            .into_iter()
+            .collect();
+        // In key order, each B-tree page is written once per flush.
+        ids.sort_unstable();
+        for (n, chunk) in ids.chunks(FLUSH_CHUNK).enumerate() {
+            // A change after this read marks the device dirty again: the next flush has it.
+            let writes: Vec<Write> = {
+                let state = self.read();
+                chunk
+                    .iter()
+                    .filter_map(|id| {
+                        let hot = state.devices.get(id.as_str())?;
+                        Some(Write::PutHead {
+                            id: id.clone(),
+                            head: hot.head(),
+                        })
                     })
-                })
-                .collect();
-            (ids, writes)
-        };
-        if let Err(error) = self.store.apply(&writes, true) {
-            let mut state = self.write_state();
-            for id in ids {
-                if state.devices.contains_key(id.as_str()) {
-                    state.dirty.insert(id);
+                    .collect()
+            };
+            if let Err(error) = self.store.apply(&writes, true) {
+                let mut state = self.write_state();
+                for id in ids.into_iter().skip(n * FLUSH_CHUNK) {
+                    if state.devices.contains_key(id.as_str()) {
+                        state.dirty.insert(id);
+                    }
                 }
+                return Err(error);
             }
-            return Err(error);
         }
         Ok(())
     }
