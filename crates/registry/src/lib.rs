@@ -14,7 +14,8 @@
 //! - **Secrets: 32 random bytes (base64url), stored as SHA-256, compared in constant time.**
 //!   They are machine-generated and high-entropy, so a slow password hash (argon2) would add
 //!   no security and cost milliseconds of CPU per connect: at 1,000 connects/s on a Pi that
-//!   is the whole CPU. Refresh tokens and provisioning-token secrets are handled the same way.
+//!   is the whole CPU. Refresh tokens and provisioning-token secrets are handled the same way;
+//!   a refresh token is `<device id>.<secret>`, so its record is found by key.
 //! - **Proof of possession: Ed25519** (`ed25519-dalek`, `verify_strict`) over a single-use
 //!   32-byte nonce from [`Registry::challenge`]; key-based devices get no shared secret.
 //! - **JWT: HS256 only**, in a small module (`hmac` + `sha2`), because `jsonwebtoken`'s crypto
