@@ -5,13 +5,17 @@
 //! # Choices
 //! - **Storage: redb**, one file at `<data_dir>/registry.redb`: pure Rust (no C toolchain to
 //!   cross-compile for ARM), ACID with copy-on-write pages (a power cut leaves the last commit),
-//!   one writer and lock-free readers. Records are JSON (readable when debugging; 100,000
-//!   devices load in well under a second). The whole registry is loaded at [`Registry::open`]
-//!   so authentication never reads the disk.
+//!   one writer and lock-free readers. Device records are binary, in two parts
+//!   (`record.rs`): a fixed-size head (secret hash, credential version, status, counters) that
+//!   [`Registry::open`] loads into a compact in-memory index, so authentication and status
+//!   updates never read the disk, and a profile (name, model, labels, identifiers, refresh
+//!   token) read from the file on demand. Tokens and commands are JSON. A file with JSON
+//!   device records (schema 1) is migrated at open.
 //! - **Secrets: 32 random bytes (base64url), stored as SHA-256, compared in constant time.**
 //!   They are machine-generated and high-entropy, so a slow password hash (argon2) would add
 //!   no security and cost milliseconds of CPU per connect: at 1,000 connects/s on a Pi that
-//!   is the whole CPU. Refresh tokens and provisioning-token secrets are handled the same way.
+//!   is the whole CPU. Refresh tokens and provisioning-token secrets are handled the same way;
+//!   a refresh token is `<device id>.<secret>`, so its record is found by key.
 //! - **Proof of possession: Ed25519** (`ed25519-dalek`, `verify_strict`) over a single-use
 //!   32-byte nonce from [`Registry::challenge`]; key-based devices get no shared secret.
 //! - **JWT: HS256 only**, in a small module (`hmac` + `sha2`), because `jsonwebtoken`'s crypto
@@ -52,7 +56,10 @@
 mod clock;
 mod crypto;
 mod error;
+mod index;
 mod jwt;
+mod migrate;
+mod record;
 mod registry;
 mod store;
 mod throttle;

@@ -2,7 +2,9 @@
 //! in-memory index that mirrors the redb file.
 //!
 //! Invariants:
-//! - Memory holds everything; authentication reads only memory (one `RwLock` read).
+//! - Memory holds what the hot paths need ([`crate::index`]); authentication and status
+//!   updates read only memory (one `RwLock` read). Names, labels, identifiers and refresh
+//!   tokens are read from redb when an admin call or a registration needs them.
 //! - Every change is written to redb first and applied to memory only once committed, so
 //!   memory never claims what the file lacks. Changes are serialised by one writer mutex and
 //!   computed from the state as it is under that mutex; the state lock is held only for the
@@ -12,6 +14,7 @@
 //!   live counters in memory (see `State::put_device`).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -20,7 +23,9 @@ use tokio::sync::broadcast;
 use crate::clock::{Clock, SystemClock};
 use crate::crypto::{self, Hash};
 use crate::error::{AuthError, RegistryError, truncate_for_display};
+use crate::index::{DeviceIndex, Hot};
 use crate::jwt;
+use crate::record;
 use crate::store::{DeviceRecord, Store, TokenRecord, Write};
 use crate::types::*;
 use crate::validate;
@@ -37,6 +42,8 @@ pub const MAX_TOKEN_USES: u32 = 1_000_000;
 pub const MAX_CHALLENGES: usize = 100_000;
 /// Longest secret, token or refresh token accepted on input (ours are 43 characters).
 const MAX_CREDENTIAL_LEN: usize = 256;
+/// Devices whose status one flush transaction writes: bounds the memory of a large flush.
+const FLUSH_CHUNK: usize = 10_000;
 /// Capacity of the revocation channel; a lagging receiver should treat `Lagged` as "re-check all".
 const REVOCATION_CAPACITY: usize = 4096;
 
@@ -47,10 +54,7 @@ fn ms(duration: Duration) -> u64 {
 /// Everything in memory.
 #[derive(Debug, Default)]
 struct State {
-    devices: BTreeMap<String, DeviceRecord>,
-    by_mac: HashMap<String, String>,
-    by_imei: HashMap<String, String>,
-    by_refresh: HashMap<Hash, String>,
+    devices: DeviceIndex,
     tokens: BTreeMap<String, TokenRecord>,
     token_by_hash: HashMap<Hash, String>,
     /// Per device, oldest first.
@@ -66,56 +70,15 @@ struct State {
 }
 
 impl State {
-    fn unindex_device(&mut self, record: &DeviceRecord) {
-        if let Some(mac) = &record.device.mac {
-            self.by_mac.remove(mac);
-        }
-        if let Some(imei) = &record.device.imei {
-            self.by_imei.remove(imei);
-        }
-        if let Some(hash) = &record.refresh_hash {
-            self.by_refresh.remove(hash);
-        }
-    }
-
-    fn index_device(&mut self, record: &DeviceRecord) {
-        let id = &record.device.id;
-        if let Some(mac) = &record.device.mac {
-            self.by_mac.insert(mac.clone(), id.clone());
-        }
-        if let Some(imei) = &record.device.imei {
-            self.by_imei.insert(imei.clone(), id.clone());
-        }
-        if let Some(hash) = record.refresh_hash {
-            self.by_refresh.insert(hash, id.clone());
-        }
-    }
-
-    /// Insert or replace a device. A replacement keeps the live status and counters of the
-    /// record in memory (they may be newer than the snapshot the change was computed from),
-    /// except that a revocation always wins.
-    fn put_device(&mut self, mut record: DeviceRecord) {
-        if let Some(old) = self.devices.remove(&record.device.id) {
-            self.unindex_device(&old);
-            let live = &old.device;
-            let device = &mut record.device;
-            device.last_seen_ms = live.last_seen_ms.max(device.last_seen_ms);
-            device.messages = live.messages.max(device.messages);
-            device.bytes = live.bytes.max(device.bytes);
-            device.errors = live.errors.max(device.errors);
-            record.connections = old.connections;
-            if device.status != DeviceStatus::Revoked {
-                device.status = live.status;
-            }
-        }
-        self.index_device(&record);
-        self.devices.insert(record.device.id.clone(), record);
+    /// Insert or replace a device (see [`Hot::replacing`]).
+    fn put_device(&mut self, record: &DeviceRecord) {
+        let id = record.device.id.as_str();
+        let hot = Hot::replacing(record, self.devices.get(id));
+        self.devices.insert(id.into(), hot);
     }
 
     fn delete_device(&mut self, id: &str) {
-        if let Some(old) = self.devices.remove(id) {
-            self.unindex_device(&old);
-        }
+        self.devices.remove(id);
         self.commands.remove(id);
         self.dirty.remove(id);
     }
@@ -147,8 +110,10 @@ impl State {
     fn apply(&mut self, writes: Vec<Write>) {
         for write in writes {
             match write {
-                Write::PutDevice(record) => self.put_device(*record),
+                Write::PutDevice(record) => self.put_device(&record),
                 Write::DeleteDevice(id) => self.delete_device(&id),
+                // Memory is where live status comes from: nothing to apply.
+                Write::PutHead { .. } => {}
                 Write::PutToken(record) => self.put_token(record),
                 Write::PutCommand(command) => self.put_command(command),
                 Write::DeleteCommand {
@@ -240,7 +205,8 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    /// Open (or create) the registry file and load every device into memory.
+    /// Open (or create) the registry file (migrating a schema-1 file) and load what
+    /// authentication and status need of every device into memory.
     pub fn open(options: RegistryOptions) -> Result<Registry, RegistryError> {
         Registry::open_with_clock(options, Arc::new(SystemClock))
     }
@@ -267,20 +233,12 @@ impl Registry {
         }
         let (store, loaded) = Store::open(&options.path)?;
         let mut state = State {
+            devices: loaded.devices,
             next_version: loaded.next_version,
             jwt_key: loaded.jwt_key,
             previous_jwt_key: loaded.previous_jwt_key,
             ..State::default()
         };
-        for mut record in loaded.devices {
-            // Nobody is connected to a gateway that just started.
-            if record.device.status == DeviceStatus::Online {
-                record.device.status = DeviceStatus::Offline;
-            }
-            record.connections = 0;
-            state.index_device(&record);
-            state.devices.insert(record.device.id.clone(), record);
-        }
         for token in loaded.tokens {
             state.put_token(token);
         }
@@ -381,6 +339,39 @@ impl Registry {
         Ok((first, Write::SetNextVersion(next)))
     }
 
+    /// Conflict if the MAC or IMEI belongs to a device other than `id` (read from the file).
+    fn check_identifiers_free(
+        &self,
+        id: &str,
+        mac: Option<&str>,
+        imei: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        for (what, value, owner) in [
+            (
+                "mac",
+                mac,
+                mac.map(|mac| self.store.device_with_mac(mac)).transpose()?,
+            ),
+            (
+                "imei",
+                imei,
+                imei.map(|imei| self.store.device_with_imei(imei))
+                    .transpose()?,
+            ),
+        ] {
+            if let (Some(value), Some(owner)) = (value, owner.flatten()) {
+                if owner != id {
+                    return Err(RegistryError::Conflict {
+                        what,
+                        id: value.to_owned(),
+                        reason: format!("belongs to device {owner:?}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn broadcast_revocation(&self, id: &str) {
         // No receiver is fine: nobody has a session to close.
         self.revocations.send(id.to_owned()).ok();
@@ -404,7 +395,9 @@ impl Registry {
             }
             None
         };
-        let refresh = crypto::b64url(&self.random()?);
+        // The device id up front lets `refresh` find the record by key; the secret part is
+        // base64url, so the id ends at the last '.'.
+        let refresh = format!("{}.{}", record.device.id, crypto::b64url(&self.random()?));
         record.refresh_hash = Some(crypto::sha256(refresh.as_bytes()));
         record.refresh_expires_at_ms = now_ms.saturating_add(ms(self.options.refresh_ttl));
         Ok(Issued {
@@ -486,20 +479,19 @@ impl Registry {
         let _writer = self.lock_writer();
         let now_ms = self.now_ms();
         {
-            let state = self.read();
             let mut ids = HashSet::new();
             let mut identifiers = HashSet::new();
             for record in &prepared {
                 let device = &record.device;
-                if state.devices.contains_key(&device.id) || !ids.insert(device.id.as_str()) {
+                let exists = self.read().devices.contains_key(device.id.as_str());
+                if exists || !ids.insert(device.id.as_str()) {
                     return Err(RegistryError::Conflict {
                         what: "device",
                         id: device.id.clone(),
                         reason: "a device with this id exists".into(),
                     });
                 }
-                check_identifiers_free(
-                    &state,
+                self.check_identifiers_free(
                     &device.id,
                     device.mac.as_deref(),
                     device.imei.as_deref(),
@@ -536,16 +528,35 @@ impl Registry {
         Ok(provisioned)
     }
 
-    /// A device by id.
+    /// A device by id. A device whose record cannot be read from the file (an I/O error or
+    /// corruption) is reported as absent.
     pub fn get_device(&self, id: &str) -> Option<Device> {
-        self.read()
-            .devices
-            .get(id)
-            .map(|record| record.device.clone())
+        self.load_record(id)
+            .ok()
+            .flatten()
+            .map(|record| record.device)
+    }
+
+    /// The stored record of `id` with the live status and counters from memory; `None` if
+    /// memory does not know the device (not added yet, or deleted).
+    fn load_record(&self, id: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        let Some(mut record) = self.store.device(id)? else {
+            return Ok(None);
+        };
+        let state = self.read();
+        let Some(hot) = state.devices.get(id) else {
+            return Ok(None);
+        };
+        hot.overlay(&mut record.device);
+        record.connections = hot.connections;
+        Ok(Some(record))
     }
 
     /// Devices matching `query`, in id order, one page at a time. The cursor is the last id of
-    /// the previous page, so paging is stable while devices come and go.
+    /// the previous page, so paging is stable while devices come and go. Filters on model,
+    /// label or search text read every record from the file (to count `total`); without them
+    /// the count comes from memory and only the page is read. A storage error ends the
+    /// listing early (the page holds what was read before it).
     pub fn list_devices(&self, query: &DeviceQuery) -> DevicePage {
         let limit = query.limit.clamp(1, MAX_PAGE_LIMIT);
         let search = query
@@ -553,53 +564,65 @@ impl Registry {
             .as_deref()
             .filter(|search| !search.is_empty())
             .map(str::to_lowercase);
-        let matches = |device: &Device| {
-            query.status.is_none_or(|status| device.status == status)
-                && query
-                    .model
-                    .as_deref()
-                    .is_none_or(|model| device.model.as_deref() == Some(model))
+        let reads_records = query.model.is_some() || query.label.is_some() || search.is_some();
+        let matches_record = |id: &str, view: &record::View<'_>| {
+            query
+                .model
+                .as_deref()
+                .is_none_or(|model| view.model == Some(model))
                 && query
                     .label
                     .as_ref()
-                    .is_none_or(|(key, value)| device.labels.get(key) == Some(value))
+                    .is_none_or(|(key, value)| view.label(key) == Some(value.as_str()))
                 && search.as_deref().is_none_or(|needle| {
-                    device.id.to_lowercase().contains(needle)
-                        || device
+                    contains_lowercase(id, needle)
+                        || view
                             .name
-                            .as_deref()
-                            .is_some_and(|name| name.to_lowercase().contains(needle))
-                        || device
-                            .mac
-                            .as_deref()
-                            .is_some_and(|mac| mac.contains(needle))
-                        || device
-                            .imei
-                            .as_deref()
-                            .is_some_and(|imei| imei.contains(needle))
+                            .is_some_and(|name| contains_lowercase(name, needle))
+                        || view.mac.is_some_and(|mac| mac.contains(needle))
+                        || view.imei.is_some_and(|imei| imei.contains(needle))
                 })
         };
-        let state = self.read();
         let mut total = 0;
+        if !reads_records {
+            total = self
+                .read()
+                .devices
+                .values()
+                .filter(|hot| query.status.is_none_or(|status| hot.status == status))
+                .count();
+        }
         let mut devices = Vec::new();
         let mut more = false;
-        for (id, record) in &state.devices {
-            if !matches(&record.device) {
-                continue;
+        let cursor = query.cursor.as_deref();
+        let scan = |id: &str, view: &record::View<'_>| {
+            let Some(hot) = self.read().devices.get(id).copied() else {
+                return ControlFlow::Continue(());
+            };
+            if query.status.is_some_and(|status| hot.status != status) || !matches_record(id, view)
+            {
+                return ControlFlow::Continue(());
             }
-            total += 1;
-            let after_cursor = query
-                .cursor
-                .as_deref()
-                .is_none_or(|cursor| id.as_str() > cursor);
-            if after_cursor {
+            if reads_records {
+                total += 1;
+            }
+            if cursor.is_none_or(|cursor| id > cursor) {
                 if devices.len() < limit {
-                    devices.push(record.device.clone());
+                    let mut device = view.to_device(id, &hot.head());
+                    hot.overlay(&mut device);
+                    devices.push(device);
                 } else {
                     more = true;
+                    if !reads_records {
+                        return ControlFlow::Break(());
+                    }
                 }
             }
-        }
+            ControlFlow::Continue(())
+        };
+        let from = if reads_records { None } else { cursor };
+        // A read error leaves the page as far as it got; the listing has no error channel.
+        self.store.scan_devices(from, scan).ok();
         let next_cursor = if more {
             devices.last().map(|device| device.id.clone())
         } else {
@@ -640,10 +663,7 @@ impl Registry {
     }
 
     fn device_record(&self, id: &str) -> Result<DeviceRecord, RegistryError> {
-        self.read()
-            .devices
-            .get(id)
-            .cloned()
+        self.load_record(id)?
             .ok_or_else(|| RegistryError::device_not_found(id))
     }
 
@@ -740,7 +760,7 @@ impl Registry {
         self.read()
             .devices
             .get(device_id)
-            .is_some_and(|record| record.device.status != DeviceStatus::Revoked)
+            .is_some_and(|hot| !hot.revoked())
     }
 
     // ---------------------------------------------------------------- provisioning tokens
@@ -889,13 +909,15 @@ impl Registry {
         let _writer = self.lock_writer();
         let now_ms = self.now_ms();
         let (mut token, existing) = {
-            let state = self.read();
-            let token = state
-                .token_by_hash
-                .get(&crypto::sha256(request.provisioning_token.as_bytes()))
-                .and_then(|id| state.tokens.get(id))
-                .cloned()
-                .ok_or_else(|| RegistryError::forbidden("unknown provisioning token"))?;
+            let token = {
+                let state = self.read();
+                state
+                    .token_by_hash
+                    .get(&crypto::sha256(request.provisioning_token.as_bytes()))
+                    .and_then(|id| state.tokens.get(id))
+                    .cloned()
+                    .ok_or_else(|| RegistryError::forbidden("unknown provisioning token"))?
+            };
             if token.token.revoked {
                 return Err(RegistryError::forbidden("provisioning token revoked"));
             }
@@ -905,8 +927,14 @@ impl Registry {
             if token.token.uses >= token.token.max_uses {
                 return Err(RegistryError::forbidden("provisioning token used up"));
             }
-            let by_mac = mac.as_ref().and_then(|mac| state.by_mac.get(mac));
-            let by_imei = imei.as_ref().and_then(|imei| state.by_imei.get(imei));
+            let by_mac = match &mac {
+                Some(mac) => self.store.device_with_mac(mac)?,
+                None => None,
+            };
+            let by_imei = match &imei {
+                Some(imei) => self.store.device_with_imei(imei)?,
+                None => None,
+            };
             let target = match (by_mac, by_imei) {
                 (Some(a), Some(b)) if a != b => {
                     return Err(RegistryError::Conflict {
@@ -915,11 +943,11 @@ impl Registry {
                         reason: format!("the MAC belongs to {a:?} and the IMEI to {b:?}"),
                     });
                 }
-                (Some(id), _) | (None, Some(id)) => id.clone(),
+                (Some(id), _) | (None, Some(id)) => id,
                 (None, None) => derived_id,
             };
-            check_identifiers_free(&state, &target, mac.as_deref(), imei.as_deref())?;
-            let existing = state.devices.get(&target).cloned();
+            self.check_identifiers_free(&target, mac.as_deref(), imei.as_deref())?;
+            let existing = self.load_record(&target)?;
             (token, existing.ok_or(target))
         };
 
@@ -1029,14 +1057,14 @@ impl Registry {
         }
         let presented = crypto::sha256(secret.as_bytes());
         let state = self.read();
-        let record = state
+        let hot = state
             .devices
             .get(device_id)
             .ok_or(AuthError::UnknownDevice)?;
-        if record.device.status == DeviceStatus::Revoked {
+        if hot.revoked() {
             return Err(AuthError::Revoked);
         }
-        let stored = record.secret_hash.ok_or(AuthError::BadCredentials)?;
+        let stored = hot.secret_hash.ok_or(AuthError::BadCredentials)?;
         if crypto::ct_eq(&stored, &presented) {
             Ok(())
         } else {
@@ -1067,14 +1095,14 @@ impl Registry {
             }
             (verified, _) => verified?,
         };
-        let record = state
+        let hot = state
             .devices
-            .get(&claims.sub)
+            .get(claims.sub.as_str())
             .ok_or(AuthError::UnknownDevice)?;
-        if record.device.status == DeviceStatus::Revoked {
+        if hot.revoked() {
             return Err(AuthError::Revoked);
         }
-        if record.credential_version != claims.ver {
+        if hot.credential_version != claims.ver {
             return Err(AuthError::BadCredentials);
         }
         Ok(claims.sub)
@@ -1084,11 +1112,11 @@ impl Registry {
     /// by its CN; the device must exist and not be revoked.
     pub fn authenticate_certificate(&self, common_name: &str) -> Result<(), AuthError> {
         let state = self.read();
-        let record = state
+        let hot = state
             .devices
             .get(common_name)
             .ok_or(AuthError::UnknownDevice)?;
-        if record.device.status == DeviceStatus::Revoked {
+        if hot.revoked() {
             return Err(AuthError::Revoked);
         }
         Ok(())
@@ -1104,18 +1132,23 @@ impl Registry {
         let presented = crypto::sha256(refresh_token.as_bytes());
         let _writer = self.lock_writer();
         let now_ms = self.now_ms();
-        let mut record = {
-            let state = self.read();
-            let id = state
-                .by_refresh
-                .get(&presented)
-                .ok_or(AuthError::BadCredentials)?;
-            state
-                .devices
-                .get(id)
-                .cloned()
-                .ok_or(AuthError::UnknownDevice)?
+        let id = match refresh_token.rsplit_once('.') {
+            Some((id, _)) => id.to_owned(),
+            // Issued before refresh tokens carried their device id (a migrated schema-1 file).
+            None => self
+                .store
+                .device_with_legacy_refresh(&presented)
+                .map_err(|_| AuthError::BadCredentials)?
+                .ok_or(AuthError::BadCredentials)?,
         };
+        let mut record = self
+            .load_record(&id)
+            .map_err(|_| AuthError::BadCredentials)?
+            .ok_or(AuthError::BadCredentials)?;
+        let stored = record.refresh_hash.ok_or(AuthError::BadCredentials)?;
+        if !crypto::ct_eq(&stored, &presented) {
+            return Err(AuthError::BadCredentials);
+        }
         if record.device.status == DeviceStatus::Revoked {
             return Err(AuthError::Revoked);
         }
@@ -1136,12 +1169,12 @@ impl Registry {
 
     // ---------------------------------------------------------------- status
 
-    fn update_live(&self, id: &str, change: impl FnOnce(&mut DeviceRecord)) {
+    fn update_live(&self, id: &str, change: impl FnOnce(&mut Hot)) {
         let mut state = self.write_state();
-        let Some(record) = state.devices.get_mut(id) else {
+        let Some(hot) = state.devices.get_mut(id) else {
             return;
         };
-        change(record);
+        change(hot);
         if !state.dirty.contains(id) {
             state.dirty.insert(id.to_owned());
         }
@@ -1149,39 +1182,39 @@ impl Registry {
 
     /// A connection of device `id` opened (authenticated). Unknown devices are ignored.
     pub fn record_connected(&self, id: &str, now_ms: u64) {
-        self.update_live(id, |record| {
-            record.connections = record.connections.saturating_add(1);
-            record.device.last_seen_ms = Some(now_ms);
-            if record.device.status != DeviceStatus::Revoked {
-                record.device.status = DeviceStatus::Online;
+        self.update_live(id, |hot| {
+            hot.connections = hot.connections.saturating_add(1);
+            hot.live.last_seen_ms = Some(now_ms);
+            if !hot.revoked() {
+                hot.status = DeviceStatus::Online;
             }
         });
     }
 
     /// A connection of device `id` closed; offline when it was the last.
     pub fn record_disconnected(&self, id: &str, now_ms: u64) {
-        self.update_live(id, |record| {
-            record.connections = record.connections.saturating_sub(1);
-            record.device.last_seen_ms = Some(now_ms);
-            if record.connections == 0 && record.device.status == DeviceStatus::Online {
-                record.device.status = DeviceStatus::Offline;
+        self.update_live(id, |hot| {
+            hot.connections = hot.connections.saturating_sub(1);
+            hot.live.last_seen_ms = Some(now_ms);
+            if hot.connections == 0 && hot.status == DeviceStatus::Online {
+                hot.status = DeviceStatus::Offline;
             }
         });
     }
 
     /// A message of `bytes` payload bytes arrived from device `id`.
     pub fn record_message(&self, id: &str, bytes: u64, now_ms: u64) {
-        self.update_live(id, |record| {
-            record.device.messages = record.device.messages.saturating_add(1);
-            record.device.bytes = record.device.bytes.saturating_add(bytes);
-            record.device.last_seen_ms = Some(now_ms);
+        self.update_live(id, |hot| {
+            hot.live.messages = hot.live.messages.saturating_add(1);
+            hot.live.bytes = hot.live.bytes.saturating_add(bytes);
+            hot.live.last_seen_ms = Some(now_ms);
         });
     }
 
     /// An error was counted against device `id`.
     pub fn record_error(&self, id: &str) {
-        self.update_live(id, |record| {
-            record.device.errors = record.device.errors.saturating_add(1);
+        self.update_live(id, |hot| {
+            hot.live.errors = hot.live.errors.saturating_add(1);
         });
     }
 
@@ -1190,28 +1223,41 @@ impl Registry {
         self.read().dirty.len()
     }
 
-    /// Write changed status and counters to disk (one durable transaction). The daemon calls
-    /// this every few seconds from a blocking task, and on shutdown; `record_*` never touch disk.
+    /// Write changed status and counters to disk (durable transactions of up to
+    /// 10,000 devices, in id order). The daemon calls this every few seconds from a
+    /// blocking task, and on shutdown; `record_*` never touch disk. On an error, devices not
+    /// yet written stay dirty.
     pub fn flush(&self) -> Result<(), RegistryError> {
         let _writer = self.lock_writer();
-        let (ids, writes): (Vec<String>, Vec<Write>) = {
-            let mut state = self.write_state();
-            let ids: Vec<String> = state.dirty.drain().collect();
-            let writes = ids
-                .iter()
-                .filter_map(|id| state.devices.get(id))
-                .map(|record| Write::PutDevice(Box::new(record.clone())))
-                .collect();
-            (ids, writes)
-        };
-        if let Err(error) = self.store.apply(&writes, true) {
-            let mut state = self.write_state();
-            for id in ids {
-                if state.devices.contains_key(&id) {
-                    state.dirty.insert(id);
+        let mut ids: Vec<String> = std::mem::take(&mut self.write_state().dirty)
+            .into_iter()
+            .collect();
+        // In key order, each B-tree page is written once per flush.
+        ids.sort_unstable();
+        for (n, chunk) in ids.chunks(FLUSH_CHUNK).enumerate() {
+            // A change after this read marks the device dirty again: the next flush has it.
+            let writes: Vec<Write> = {
+                let state = self.read();
+                chunk
+                    .iter()
+                    .filter_map(|id| {
+                        let hot = state.devices.get(id.as_str())?;
+                        Some(Write::PutHead {
+                            id: id.clone(),
+                            head: hot.head(),
+                        })
+                    })
+                    .collect()
+            };
+            if let Err(error) = self.store.apply(&writes, true) {
+                let mut state = self.write_state();
+                for id in ids.into_iter().skip(n * FLUSH_CHUNK) {
+                    if state.devices.contains_key(id.as_str()) {
+                        state.dirty.insert(id);
+                    }
                 }
+                return Err(error);
             }
-            return Err(error);
         }
         Ok(())
     }
@@ -1247,11 +1293,11 @@ impl Registry {
         let mut writes = Vec::new();
         let command = {
             let state = self.read();
-            let record = state
+            let hot = state
                 .devices
                 .get(device_id)
                 .ok_or_else(|| RegistryError::device_not_found(device_id))?;
-            if record.device.status == DeviceStatus::Revoked {
+            if hot.revoked() {
                 return Err(RegistryError::forbidden(format!(
                     "device {device_id:?} is revoked"
                 )));
@@ -1432,32 +1478,18 @@ fn normalise_key(key: Option<&str>) -> Result<Option<String>, RegistryError> {
     .transpose()
 }
 
-/// Conflict if the MAC or IMEI belongs to a device other than `id`.
-fn check_identifiers_free(
-    state: &State,
-    id: &str,
-    mac: Option<&str>,
-    imei: Option<&str>,
-) -> Result<(), RegistryError> {
-    if let Some(owner) = mac
-        .and_then(|mac| state.by_mac.get(mac))
-        .filter(|owner| *owner != id)
-    {
-        return Err(RegistryError::Conflict {
-            what: "mac",
-            id: mac.unwrap_or_default().to_owned(),
-            reason: format!("belongs to device {owner:?}"),
-        });
+/// Whether `haystack` contains `needle` (already lowercase), ignoring case; without allocating
+/// when both are ASCII.
+fn contains_lowercase(haystack: &str, needle: &str) -> bool {
+    if needle.is_empty() {
+        return true;
     }
-    if let Some(owner) = imei
-        .and_then(|imei| state.by_imei.get(imei))
-        .filter(|owner| *owner != id)
-    {
-        return Err(RegistryError::Conflict {
-            what: "imei",
-            id: imei.unwrap_or_default().to_owned(),
-            reason: format!("belongs to device {owner:?}"),
-        });
+    if haystack.is_ascii() && needle.is_ascii() {
+        haystack
+            .as_bytes()
+            .windows(needle.len())
+            .any(|window| window.eq_ignore_ascii_case(needle.as_bytes()))
+    } else {
+        haystack.to_lowercase().contains(needle)
     }
-    Ok(())
 }

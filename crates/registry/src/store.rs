@@ -1,39 +1,73 @@
-//! The redb file: stored record formats, loading everything at open, and applying one batch of
-//! writes per transaction. Knows nothing about the rules; [`crate::Registry`] decides what to write.
+//! The redb file: stored record formats, loading what memory needs at open, reading devices on
+//! demand, and applying one batch of writes per transaction. Knows nothing about the rules;
+//! [`crate::Registry`] decides what to write.
 //!
-//! Tables (keys → JSON values): `devices` (id → [`DeviceRecord`]), `provisioning_tokens`
-//! (id → [`TokenRecord`]), `commands` ((device id, command id) → [`Command`]), `meta`
-//! (`jwt_key` → 32 raw bytes, `schema` → version, `next_credential_version` → u64 big-endian,
-//! and after a key rotation `previous_jwt_key` → 32 raw bytes with `previous_jwt_key_until`
-//! → u64 big-endian ms since the epoch).
+//! Tables: `device_auth` (id → binary head: secret hash, credential version, live status and
+//! counters; loaded at open and rewritten by a status flush), `device_records` (id → binary
+//! profile: the rest of the [`DeviceRecord`]; see [`crate::record`] for both),
+//! `device_by_mac` and `device_by_imei` (identifier → id), `device_by_legacy_refresh`
+//! (SHA-256 of a refresh token issued before tokens named their device → id; filled only by
+//! the migration), `provisioning_tokens` (id → JSON [`TokenRecord`]), `commands` ((device
+//! id, command id) → JSON [`Command`]), `meta` (`jwt_key` → 32 raw bytes, `schema` →
+//! version, `next_credential_version` → u64 big-endian, and after a key rotation
+//! `previous_jwt_key` → 32 raw bytes with `previous_jwt_key_until` → u64 big-endian ms since
+//! the epoch). The other `device_*` tables are kept in step with `device_records` by
+//! [`DeviceTables`], in the same transaction.
+//!
+//! Schema 1 kept devices as JSON in a `devices` table; [`crate::migrate`] rewrites such a file
+//! to schema 2 in one transaction at open.
 //!
 //! `next_credential_version` is the store-wide generation counter: every credential version
 //! handed out comes from it, so a version never repeats for any id, even across delete and
 //! re-add (a JWT of a deleted device can never match its successor). A file written before the
 //! counter existed starts it at 2^32, above every version the old `u32` counter could reach.
 //!
+//! redb's page cache is capped at [`CACHE_BYTES`]: the registry keeps its own index of what
+//! the hot paths need, so the cache only speeds up admin reads.
+//!
 //! The file is created 0600 and an existing one is tightened to 0600 (it holds the JWT key).
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, Durability, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Hash;
 use crate::error::RegistryError;
+use crate::index::{DeviceIndex, Hot};
+use crate::record::{self, Head};
 use crate::types::{Command, Device, ProvisioningToken};
 
-const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+/// Schema 1's JSON device records; only read, by the migration.
+pub(crate) const LEGACY_DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const DEVICE_AUTH: TableDefinition<&str, &[u8]> = TableDefinition::new("device_auth");
+const DEVICE_RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("device_records");
+const BY_MAC: TableDefinition<&str, &str> = TableDefinition::new("device_by_mac");
+const BY_IMEI: TableDefinition<&str, &str> = TableDefinition::new("device_by_imei");
+const LEGACY_REFRESH: TableDefinition<&[u8], &str> =
+    TableDefinition::new("device_by_legacy_refresh");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("provisioning_tokens");
 const COMMANDS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("commands");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
-const SCHEMA_VERSION: &[u8] = b"1";
+const SCHEMA_VERSION: &[u8] = b"2";
+/// JSON device records, migrated at open.
+pub(crate) const LEGACY_SCHEMA_VERSION: &[u8] = b"1";
 const NEXT_VERSION: &str = "next_credential_version";
 /// Where the counter starts in a file written before it existed: above every `u32` version.
 const MIGRATED_NEXT_VERSION: u64 = 1 << 32;
+/// redb's page cache (its default is 1 GiB, which a full scan of a large file would fill).
+pub(crate) const CACHE_BYTES: usize = 8 << 20;
 
-/// A device with its credential state, as stored.
+/// What the store's internals fail with before [`Store`] names the file.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A device with its credential state: what the registry writes (binary, [`crate::record`]),
+/// and the JSON of a schema-1 file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DeviceRecord {
     pub(crate) device: Device,
@@ -79,6 +113,12 @@ pub(crate) struct TokenRecord {
 pub(crate) enum Write {
     PutDevice(Box<DeviceRecord>),
     DeleteDevice(String),
+    /// A device's head, with new live status and counters (skipped if the device no longer
+    /// exists).
+    PutHead {
+        id: String,
+        head: Head,
+    },
     PutToken(TokenRecord),
     PutCommand(Command),
     DeleteCommand {
@@ -98,7 +138,8 @@ pub(crate) enum Write {
 /// Everything in the file.
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
-    pub(crate) devices: Vec<DeviceRecord>,
+    /// Every device's hot fields (the rest stays in the file).
+    pub(crate) devices: DeviceIndex,
     pub(crate) tokens: Vec<TokenRecord>,
     pub(crate) commands: Vec<Command>,
     pub(crate) jwt_key: [u8; 32],
@@ -122,9 +163,10 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Open (or create) the file, create missing tables and the JWT key, and load everything.
+    /// Open (or create) the file, create missing tables and the JWT key, migrate a schema-1
+    /// file, and load what memory needs.
     pub(crate) fn open(path: &Path) -> Result<(Store, Loaded), RegistryError> {
-        let error = |source: Box<dyn std::error::Error + Send + Sync>| RegistryError::Storage {
+        let error = |source: BoxError| RegistryError::Storage {
             path: path.to_owned(),
             source,
         };
@@ -135,7 +177,10 @@ impl Store {
             create_private_dir(parent).map_err(|e| error(e.into()))?;
         }
         create_private_file(path).map_err(|e| error(e.into()))?;
-        let db = Database::create(path).map_err(|e| error(redb::Error::from(e).into()))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| error(redb::Error::from(e).into()))?;
         let store = Store {
             db,
             path: path.to_owned(),
@@ -145,7 +190,7 @@ impl Store {
         Ok((store, loaded))
     }
 
-    fn error(&self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> RegistryError {
+    fn error(&self, source: impl Into<BoxError>) -> RegistryError {
         RegistryError::Storage {
             path: self.path.clone(),
             source: source.into(),
@@ -156,15 +201,16 @@ impl Store {
         self.error(Box::new(source.into()))
     }
 
-    fn corrupt(&self, table: &str, key: &str, error: &serde_json::Error) -> RegistryError {
+    fn corrupt(&self, table: &str, key: &str, error: &dyn std::fmt::Display) -> RegistryError {
         self.error(format!("corrupt record {key:?} in table {table}: {error}"))
     }
 
-    /// Create tables, check the schema version, generate the JWT key on first open.
+    /// Create tables, check the schema version (migrating schema 1), generate the JWT key on
+    /// first open.
     fn init(&self) -> Result<(), RegistryError> {
         let txn = self.db.begin_write().map_err(|e| self.redb(e))?;
         {
-            txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+            DeviceTables::open(&txn).map_err(|e| self.error(e))?;
             txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
             txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.redb(e))?;
@@ -179,17 +225,22 @@ impl Store {
                     meta.insert(NEXT_VERSION, 1u64.to_be_bytes().as_slice())
                         .map_err(|e| self.redb(e))?;
                 }
-                Some(SCHEMA_VERSION) => {
+                Some(SCHEMA_VERSION) => {}
+                Some(LEGACY_SCHEMA_VERSION) => {
                     if meta.get(NEXT_VERSION).map_err(|e| self.redb(e))?.is_none() {
                         meta.insert(NEXT_VERSION, MIGRATED_NEXT_VERSION.to_be_bytes().as_slice())
                             .map_err(|e| self.redb(e))?;
                     }
+                    crate::migrate::devices_to_binary(&txn).map_err(|e| self.error(e))?;
+                    meta.insert("schema", SCHEMA_VERSION)
+                        .map_err(|e| self.redb(e))?;
                 }
                 Some(other) => {
                     return Err(self.error(format!(
-                        "unsupported registry schema {:?} (this build reads {:?})",
+                        "unsupported registry schema {:?} (this build reads {:?} and {:?})",
                         String::from_utf8_lossy(other),
-                        String::from_utf8_lossy(SCHEMA_VERSION)
+                        String::from_utf8_lossy(SCHEMA_VERSION),
+                        String::from_utf8_lossy(LEGACY_SCHEMA_VERSION)
                     )));
                 }
             }
@@ -239,15 +290,17 @@ impl Store {
             .map_err(|_| self.error("previous_jwt_key_until is not 8 bytes"))?;
         loaded.previous_jwt_key = previous.zip(until);
 
-        let devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+        let devices = txn.open_table(DEVICE_AUTH).map_err(|e| self.redb(e))?;
         loaded
             .devices
             .reserve(usize::try_from(devices.len().map_err(|e| self.redb(e))?).unwrap_or(0));
         for item in devices.iter().map_err(|e| self.redb(e))? {
             let (key, value) = item.map_err(|e| self.redb(e))?;
-            let record: DeviceRecord = serde_json::from_slice(value.value())
-                .map_err(|e| self.corrupt("devices", key.value(), &e))?;
-            loaded.devices.push(record);
+            let head = record::decode_head(value.value())
+                .map_err(|e| self.corrupt("device_auth", key.value(), &e))?;
+            loaded
+                .devices
+                .insert(key.value().into(), Hot::at_open(&head));
         }
 
         let tokens = txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
@@ -270,6 +323,89 @@ impl Store {
         Ok(loaded)
     }
 
+    fn begin_read(&self) -> Result<ReadTransaction, RegistryError> {
+        self.db.begin_read().map_err(|e| self.redb(e))
+    }
+
+    /// The stored device `id`, with the live status and counters of its last flush.
+    pub(crate) fn device(&self, id: &str) -> Result<Option<DeviceRecord>, RegistryError> {
+        let txn = self.begin_read()?;
+        let heads = txn.open_table(DEVICE_AUTH).map_err(|e| self.redb(e))?;
+        let profiles = txn.open_table(DEVICE_RECORDS).map_err(|e| self.redb(e))?;
+        let head = heads.get(id).map_err(|e| self.redb(e))?;
+        let profile = profiles.get(id).map_err(|e| self.redb(e))?;
+        let (Some(head), Some(profile)) = (head, profile) else {
+            return Ok(None);
+        };
+        let head =
+            record::decode_head(head.value()).map_err(|e| self.corrupt("device_auth", id, &e))?;
+        let view =
+            record::view(profile.value()).map_err(|e| self.corrupt("device_records", id, &e))?;
+        Ok(Some(view.to_record(id, &head)))
+    }
+
+    /// Which device has this (normalised) MAC.
+    pub(crate) fn device_with_mac(&self, mac: &str) -> Result<Option<String>, RegistryError> {
+        self.owner(BY_MAC, mac)
+    }
+
+    /// Which device has this IMEI.
+    pub(crate) fn device_with_imei(&self, imei: &str) -> Result<Option<String>, RegistryError> {
+        self.owner(BY_IMEI, imei)
+    }
+
+    fn owner(
+        &self,
+        table: TableDefinition<&str, &str>,
+        key: &str,
+    ) -> Result<Option<String>, RegistryError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(table).map_err(|e| self.redb(e))?;
+        Ok(table
+            .get(key)
+            .map_err(|e| self.redb(e))?
+            .map(|id| id.value().to_owned()))
+    }
+
+    /// Which device's live refresh token, issued before tokens named their device, hashes
+    /// to `hash`.
+    pub(crate) fn device_with_legacy_refresh(
+        &self,
+        hash: &Hash,
+    ) -> Result<Option<String>, RegistryError> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(LEGACY_REFRESH).map_err(|e| self.redb(e))?;
+        Ok(table
+            .get(hash.as_slice())
+            .map_err(|e| self.redb(e))?
+            .map(|id| id.value().to_owned()))
+    }
+
+    /// Visit stored devices in id order, starting after `after`, until `visit` breaks.
+    pub(crate) fn scan_devices(
+        &self,
+        after: Option<&str>,
+        mut visit: impl FnMut(&str, &record::View<'_>) -> ControlFlow<()>,
+    ) -> Result<(), RegistryError> {
+        use std::ops::Bound;
+        let txn = self.begin_read()?;
+        let table = txn.open_table(DEVICE_RECORDS).map_err(|e| self.redb(e))?;
+        let range = match after {
+            Some(after) => table.range::<&str>((Bound::Excluded(after), Bound::Unbounded)),
+            None => table.range::<&str>(..),
+        };
+        for item in range.map_err(|e| self.redb(e))? {
+            let (key, value) = item.map_err(|e| self.redb(e))?;
+            let id = key.value();
+            let view =
+                record::view(value.value()).map_err(|e| self.corrupt("device_records", id, &e))?;
+            if visit(id, &view).is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// Apply `writes` in one transaction. `durable`: fsync before returning (admin changes,
     /// credentials); otherwise the commit may be lost on power loss (counters and status).
     pub(crate) fn apply(&self, writes: &[Write], durable: bool) -> Result<(), RegistryError> {
@@ -283,20 +419,20 @@ impl Store {
             Durability::Eventual
         });
         {
-            let mut devices = txn.open_table(DEVICES).map_err(|e| self.redb(e))?;
+            let mut devices = DeviceTables::open(&txn).map_err(|e| self.error(e))?;
             let mut tokens = txn.open_table(TOKENS).map_err(|e| self.redb(e))?;
             let mut commands = txn.open_table(COMMANDS).map_err(|e| self.redb(e))?;
             let mut meta = txn.open_table(META).map_err(|e| self.redb(e))?;
             for write in writes {
                 match write {
                     Write::PutDevice(record) => {
-                        let bytes = serde_json::to_vec(record).map_err(|e| self.error(e))?;
-                        devices
-                            .insert(record.device.id.as_str(), bytes.as_slice())
-                            .map_err(|e| self.redb(e))?;
+                        devices.put(record).map_err(|e| self.error(e))?;
                     }
                     Write::DeleteDevice(id) => {
-                        devices.remove(id.as_str()).map_err(|e| self.redb(e))?;
+                        devices.delete(id).map_err(|e| self.error(e))?;
+                    }
+                    Write::PutHead { id, head } => {
+                        devices.put_head(id, head).map_err(|e| self.error(e))?;
                     }
                     Write::PutToken(record) => {
                         let bytes = serde_json::to_vec(record).map_err(|e| self.error(e))?;
@@ -344,6 +480,105 @@ impl Store {
             }
         }
         txn.commit().map_err(|e| self.redb(e))
+    }
+}
+
+/// The device tables of one write transaction: every change to a device record updates the
+/// identifier and refresh-token tables with it.
+pub(crate) struct DeviceTables<'txn> {
+    heads: Table<'txn, &'static str, &'static [u8]>,
+    records: Table<'txn, &'static str, &'static [u8]>,
+    by_mac: Table<'txn, &'static str, &'static str>,
+    by_imei: Table<'txn, &'static str, &'static str>,
+    legacy_refresh: Table<'txn, &'static [u8], &'static str>,
+}
+
+impl<'txn> DeviceTables<'txn> {
+    /// Open (creating if missing) the five device tables.
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<DeviceTables<'txn>, BoxError> {
+        Ok(DeviceTables {
+            heads: txn.open_table(DEVICE_AUTH)?,
+            records: txn.open_table(DEVICE_RECORDS)?,
+            by_mac: txn.open_table(BY_MAC)?,
+            by_imei: txn.open_table(BY_IMEI)?,
+            legacy_refresh: txn.open_table(LEGACY_REFRESH)?,
+        })
+    }
+
+    /// Drop the index entries of the stored profile of `id` that still point at it.
+    fn unindex(&mut self, id: &str) -> Result<(), BoxError> {
+        let (mac, imei, refresh_hash) = {
+            let Some(value) = self.records.get(id)? else {
+                return Ok(());
+            };
+            let old = record::view(value.value())
+                .map_err(|e| format!("corrupt record {id:?} in table device_records: {e}"))?;
+            (
+                old.mac.map(str::to_owned),
+                old.imei.map(str::to_owned),
+                old.refresh_hash(),
+            )
+        };
+        for (table, key) in [(&mut self.by_mac, mac), (&mut self.by_imei, imei)] {
+            if let Some(key) = key.as_deref() {
+                let owned = table.get(key)?.is_some_and(|owner| owner.value() == id);
+                if owned {
+                    table.remove(key)?;
+                }
+            }
+        }
+        if let Some(hash) = &refresh_hash {
+            let owned = self
+                .legacy_refresh
+                .get(hash.as_slice())?
+                .is_some_and(|owner| owner.value() == id);
+            if owned {
+                self.legacy_refresh.remove(hash.as_slice())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Insert or replace a device (head and profile) and its index entries.
+    pub(crate) fn put(&mut self, record: &DeviceRecord) -> Result<(), BoxError> {
+        let id = record.device.id.as_str();
+        self.unindex(id)?;
+        let profile = record::encode_profile(record)
+            .map_err(|e| format!("device {id:?} cannot be stored: {e}"))?;
+        self.records.insert(id, profile.as_slice())?;
+        self.heads
+            .insert(id, record::encode_head(&Head::of(record)).as_slice())?;
+        if let Some(mac) = &record.device.mac {
+            self.by_mac.insert(mac.as_str(), id)?;
+        }
+        if let Some(imei) = &record.device.imei {
+            self.by_imei.insert(imei.as_str(), id)?;
+        }
+        Ok(())
+    }
+
+    /// Index a migrated device's refresh token, which does not name its device.
+    pub(crate) fn put_legacy_refresh(&mut self, record: &DeviceRecord) -> Result<(), BoxError> {
+        if let Some(hash) = &record.refresh_hash {
+            self.legacy_refresh
+                .insert(hash.as_slice(), record.device.id.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn delete(&mut self, id: &str) -> Result<(), BoxError> {
+        self.unindex(id)?;
+        self.records.remove(id)?;
+        self.heads.remove(id)?;
+        Ok(())
+    }
+
+    fn put_head(&mut self, id: &str, head: &Head) -> Result<(), BoxError> {
+        if self.heads.get(id)?.is_some() {
+            self.heads
+                .insert(id, record::encode_head(head).as_slice())?;
+        }
+        Ok(())
     }
 }
 
@@ -426,7 +661,7 @@ mod tests {
             let txn = db.begin_write()?;
             {
                 let mut meta = txn.open_table(META)?;
-                meta.insert("schema", SCHEMA_VERSION)?;
+                meta.insert("schema", LEGACY_SCHEMA_VERSION)?;
                 meta.insert("jwt_key", [7u8; 32].as_slice())?;
             }
             txn.commit()?;
