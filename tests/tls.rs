@@ -181,3 +181,77 @@ async fn tls_device_listener() {
 async fn tls_device_listener_with_client_certificates() {
     tls_listener_delivers(true).await;
 }
+
+/// A reload re-reads the device listener's certificate and key in place: new
+/// connections get the new certificate, the open ones keep going.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_rereads_the_listener_certificate_and_keeps_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for part in ["old", "new"] {
+        std::fs::create_dir_all(dir.path().join(part)).expect("pki dir");
+    }
+    let old_pki = Pki::generate(&dir.path().join("old"));
+    let new_pki = Pki::generate(&dir.path().join("new"));
+    let cert = dir.path().join("server.pem");
+    let key = dir.path().join("server.key");
+    std::fs::copy(&old_pki.server_cert, &cert).expect("install cert");
+    std::fs::copy(&old_pki.server_key, &key).expect("install key");
+    let broker = Mosquitto::start(free_port()).await;
+    let sub = Subscriber::connect(broker.port).await;
+    let tls = format!(
+        "[sources.devices.tls]\ncert = {}\nkey = {}\n",
+        toml_path(&cert),
+        toml_path(&key)
+    );
+    let config = GatewayConfig::new(broker.port).tail(&tls);
+    let gateway = Gateway::start(&config.render()).await;
+    let addr = config.device_addr();
+
+    let mut early = tls_device(addr, &old_pki, false)
+        .await
+        .expect("connects with the first certificate");
+    early.hello("tls-early").await;
+    early
+        .send_json(&data_message("tls-early", 1, 8))
+        .await
+        .expect("send");
+
+    // Rotate the certificate on disk and reload.
+    std::fs::copy(&new_pki.server_cert, &cert).expect("rotate cert");
+    std::fs::copy(&new_pki.server_key, &key).expect("rotate key");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &gateway.pid().to_string()])
+        .status()
+        .expect("kill -HUP");
+    assert!(status.success());
+    gateway
+        .wait_metric(
+            "fieldgate_config_reloads_total",
+            &[("result", "applied")],
+            Duration::from_secs(30),
+            |count| count >= 1.0,
+        )
+        .await;
+
+    let mut late = tls_device(addr, &new_pki, false)
+        .await
+        .expect("a new connection gets the new certificate");
+    late.hello("tls-late").await;
+    late.send_json(&data_message("tls-late", 1, 8))
+        .await
+        .expect("send");
+    assert!(
+        tls_device(addr, &old_pki, false).await.is_err(),
+        "a client trusting only the old CA no longer connects"
+    );
+    // The connection opened before the reload is still served.
+    early
+        .send_json(&data_message("tls-early", 2, 8))
+        .await
+        .expect("the early connection still sends");
+    let mut expected_events = expected(&["tls-early".to_string()], 2);
+    expected_events.extend(expected(&["tls-late".to_string()], 1));
+    Collector::default()
+        .wait_all(&sub, &expected_events, Duration::from_secs(30))
+        .await;
+}

@@ -293,7 +293,18 @@ pub struct Qos(pub u8);
 
 impl<'de> Deserialize<'de> for Qos {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let level = i64::deserialize(deserializer)?;
+        /// Names the expected value in the config's words, not as `i64`.
+        struct Level;
+        impl serde::de::Visitor<'_> for Level {
+            type Value = i64;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an integer 0, 1 or 2")
+            }
+            fn visit_i64<E: serde::de::Error>(self, level: i64) -> Result<i64, E> {
+                Ok(level)
+            }
+        }
+        let level = deserializer.deserialize_i64(Level)?;
         match u8::try_from(level) {
             Ok(level @ 0..=2) => Ok(Qos(level)),
             _ => Err(serde::de::Error::custom(format!(
