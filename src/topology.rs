@@ -139,6 +139,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&profiler),
     );
     observer_tasks.spawn(watchdog.run(observer_stop.clone()));
+    observer_tasks.spawn(crate::telemetry::systemd::watchdog(observer_stop.clone()));
 
     // Buffers and intakes, one per sink.
     let mut buffers = BTreeMap::new();
@@ -304,11 +305,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     drop(intakes);
 
     api_state.ready.store(true, Ordering::Release);
+    crate::telemetry::systemd::notify_ready();
     tracing::info!(gateway = %config.gateway.id, sources = config.sources.len(), sinks = config.sinks.len(), "fieldgate ready");
 
     wait_for_signal().await;
     tracing::info!(grace = ?config.gateway.shutdown_grace.0, "shutting down");
     api_state.ready.store(false, Ordering::Release);
+    crate::telemetry::systemd::notify_stopping();
     observer_stop.cancel();
     observer_tasks.close();
 
