@@ -76,6 +76,8 @@ pub struct Metrics {
     pub buffer_events: Family<SinkLabel, Gauge>,
     /// Bytes held by each sink's buffer.
     pub buffer_bytes: Family<SinkLabel, Gauge>,
+    /// When the oldest event in each sink's buffer was stored (Unix seconds; 0 when empty).
+    pub buffer_oldest_event: Family<SinkLabel, Gauge>,
     /// Corrupt buffer bytes cut away at start-up or found while reading.
     pub buffer_corrupt_bytes: Family<SinkLabel, Counter>,
     /// 1 while the sink's upstream connection is up.
@@ -112,6 +114,7 @@ impl Metrics {
             auth_failures: Family::default(),
             buffer_events: Family::default(),
             buffer_bytes: Family::default(),
+            buffer_oldest_event: Family::default(),
             buffer_corrupt_bytes: Family::default(),
             upstream_connected: Family::default(),
             upstream_connect_failures: Family::default(),
@@ -160,6 +163,12 @@ impl Metrics {
             "fieldgate_buffer_bytes",
             "Bytes held by the sink's buffer",
             metrics.buffer_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "fieldgate_buffer_oldest_event_timestamp",
+            "When the oldest event in the sink's buffer was stored, as Unix time; 0 when empty",
+            Unit::Seconds,
+            metrics.buffer_oldest_event.clone(),
         );
         registry.register(
             "fieldgate_buffer_corrupt_bytes",
