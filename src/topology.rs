@@ -50,6 +50,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
     crate::data_dir::secure(&config.gateway.data_dir)?;
     let metrics = Arc::new(Metrics::new());
+    crate::telemetry::inventory::declare(&metrics, &config);
     let directory = Arc::new(DeviceDirectory::default());
     // Observers (watchdog, CPU profiles) stop first at shutdown: they hold no data.
     let observer_stop = CancellationToken::new();

@@ -1,6 +1,7 @@
 //! How the gateway reports on itself: Prometheus metrics, process statistics, logs, the
 //! resource watchdog, CPU profiles and systemd notifications.
 
+pub mod inventory;
 pub mod logging;
 pub mod metrics;
 mod process;
