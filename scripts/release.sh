@@ -7,7 +7,7 @@
 #   dist/fieldgate_VERSION_amd64.deb, dist/fieldgate_VERSION_arm64.deb
 #   dist/SHA256SUMS
 #
-#   scripts/release.sh            everything (about 25 minutes on 2 idle cores, cold)
+#   scripts/release.sh            everything (cold: about 45 minutes per target on 2 busy cores)
 #   scripts/release.sh x86_64     only the x86_64 binary and .deb
 #   scripts/release.sh aarch64    only the aarch64 binary and .deb
 #
