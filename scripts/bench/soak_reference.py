@@ -191,9 +191,9 @@ def least_squares_slope(points):
     return sxy / sxx if sxx else float("nan")
 
 
-def plot(out, samples_csv, outages, slope, warmup_s):
+def plot(out, work, samples_csv, outages, slope, warmup_s):
     """Renders rss.png with gnuplot: gateway RSS (MiB) and backlog over real minutes."""
-    script = os.path.join(out, "rss.gnuplot")
+    script = os.path.join(work, "rss.gnuplot")
     rects = "\n".join(
         f"set object {i + 1} rect from {a / 60:.3f}, graph 0 to {b / 60:.3f}, graph 1 "
         "behind fc rgb '#f4cccc' fs solid 0.6 noborder"
@@ -387,7 +387,7 @@ when_full = "block"
     with open(os.path.join(args.out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
         f.write("\n")
-    png = plot(args.out, samples_csv, outages, slope, warmup)
+    png = plot(args.out, work, samples_csv, outages, slope, warmup)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"""# Reference-load soak, {args.duration / 60:.0f} minutes at {args.speed:g}x
 
