@@ -7,6 +7,9 @@
 #   scripts/bench.sh quick      one run of each scenario, shorter steps (about 10 minutes)
 #   scripts/bench.sh quick load,storm   only some scenarios (idle,load,ramp,drain,outage,restart,storm);
 #                                       the others are kept from the previous results file
+#   scripts/bench.sh quick soak         the reference-load soak for 10 minutes (scripts/soak.sh 10m,
+#                                       100 simulated minutes with one cloud outage) into
+#                                       docs/bench/soak-reference/; not in the default set
 #
 # Needs: cargo, mosquitto + mosquitto_sub (mosquitto-clients), python3, stdbuf (coreutils).
 # Everything it starts is killed by PID on exit; ports are picked free in 30000-39999.
@@ -62,12 +65,26 @@ trap 'exit 130' INT TERM HUP
 
 # The runner kills what it started (by PID) on exit, on SIGTERM and on SIGINT.
 set +e
-python3 scripts/bench/run.py --mode "$MODE" --only "$ONLY" --work "$WORK" --bin "$WORK/bin" \
-  --root "$ROOT" --out scripts/bench/results.json --render docs/BENCHMARKS.md &
-RUNNER_PID=$!
-wait "$RUNNER_PID"
-rc=$?
+# The soak is its own script (scripts/soak.sh), on the same binaries.
+SOAK=0
+case ",$ONLY," in *,soak,*) SOAK=1; ONLY=$(echo ",$ONLY," | sed 's/,soak,/,/; s/^,//; s/,$//') ;; esac
+rc=0
+if [ -n "$ONLY" ]; then
+  python3 scripts/bench/run.py --mode "$MODE" --only "$ONLY" --work "$WORK" --bin "$WORK/bin" \
+    --root "$ROOT" --out scripts/bench/results.json --render docs/BENCHMARKS.md &
+  RUNNER_PID=$!
+  wait "$RUNNER_PID"
+  rc=$?
+  RUNNER_PID=""
+fi
+if [ "$SOAK" = 1 ]; then
+  SOAK_BIN_DIR="$WORK/bin" scripts/soak.sh 10m docs/bench/soak-reference &
+  RUNNER_PID=$!
+  wait "$RUNNER_PID"
+  soak_rc=$?
+  RUNNER_PID=""
+  [ "$rc" -ne 0 ] || rc=$soak_rc
+fi
 set -e
-RUNNER_PID=""
 python3 scripts/bench/render.py scripts/bench/results.json docs/BENCHMARKS.md --summary
 exit "$rc"

@@ -56,6 +56,37 @@ if ! "$pyenv/bin/python" -c 'import schemathesis' >/dev/null 2>&1; then
 fi
 export FIELDGATE_PYTHON="$pyenv/bin/python"
 
+# ---- release and deploy prerequisites (issue #14; tests/packaging.rs, observability.rs,
+# aarch64_qemu.rs, container.rs). Each missing tool makes its test print SKIPPED.
+# promtool: from Debian's prometheus package, unpacked under target/tools (about 19 MB;
+# installing the package would start a Prometheus server).
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x target/tools/prometheus/usr/bin/promtool ]; then
+    echo "scripts/test.sh: unpacking promtool from Debian's prometheus package" >&2
+    mkdir -p target/tools
+    if (cd target/tools && apt-get download prometheus >/dev/null 2>&1 \
+        || { as_root apt-get update >/dev/null && apt-get download prometheus >/dev/null; }); then
+        dpkg-deb -x target/tools/prometheus_*.deb target/tools/prometheus
+        rm -f target/tools/prometheus_*.deb
+    else
+        echo "scripts/test.sh: cannot download prometheus; the promtool test will be skipped" >&2
+    fi
+fi
+# qemu-user, only when scripts/release.sh has built the aarch64 binary (CI's clean clone
+# has none, and its test skips).
+if ls dist/fieldgate-*-aarch64-linux >/dev/null 2>&1 && ! command -v qemu-aarch64-static >/dev/null 2>&1; then
+    echo "scripts/test.sh: installing qemu-user-static for the aarch64 test" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        qemu-user-static >/dev/null || echo "scripts/test.sh: qemu-user-static not installed" >&2
+fi
+# The tests print SKIPPED in their own output, which the runner hides on success: say it here.
+ls dist/fieldgate-*-aarch64-linux >/dev/null 2>&1 \
+    || echo "scripts/test.sh: SKIPPED aarch64 qemu-user test: no dist/ binary (run scripts/release.sh first)" >&2
+ls dist/fieldgate-*-x86_64-linux >/dev/null 2>&1 && { podman info >/dev/null 2>&1 || docker info >/dev/null 2>&1; } \
+    || echo "scripts/test.sh: SKIPPED container image test: needs a container engine and dist/ from scripts/release.sh" >&2
+command -v systemd-analyze >/dev/null 2>&1 \
+    || echo "scripts/test.sh: SKIPPED systemd unit verification: no systemd-analyze" >&2
+# ---- end of release and deploy prerequisites
+
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --all-features --no-fail-fast "$@"
     # nextest does not run doctests.

@@ -23,11 +23,22 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// `fieldgate --version`: the version, then the commit, target and features (from build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    "\ncommit: ",
+    env!("FIELDGATE_COMMIT"),
+    "\ntarget: ",
+    env!("FIELDGATE_TARGET"),
+    "\nfeatures: ",
+    env!("FIELDGATE_FEATURES"),
+);
+
 /// A lightweight IoT edge gateway: devices in, durable store-and-forward, cloud MQTT out.
 #[derive(Parser)]
 #[command(
     name = "fieldgate",
-    version,
+    version = VERSION,
     about,
     long_about = "A lightweight IoT edge gateway: devices in, durable store-and-forward, \
         cloud MQTT out.\n\n\

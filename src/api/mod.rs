@@ -109,7 +109,7 @@ async fn readyz(State(state): State<Arc<ApiState>>) -> impl IntoResponse {
 }
 
 /// `source` label of `fieldgate_refused_connections_total` for the HTTP listener.
-const API_SOURCE: &str = "api";
+pub const API_SOURCE: &str = "api";
 
 /// How the HTTP listener bounds its connections.
 pub struct ServeLimits {

@@ -4,6 +4,7 @@
 //! records in order, high lane first, and acknowledges each one once its upstream did.
 //! A record leaves the disk only after that acknowledgement.
 
+mod age;
 mod config;
 pub mod writer;
 
@@ -47,6 +48,7 @@ pub struct Delivery {
 struct Lanes {
     high: Queue,
     normal: Queue,
+    oldest: age::OldestRecord,
 }
 
 impl Lanes {
@@ -115,6 +117,7 @@ pub struct SinkBuffer {
     space: Notify,
     events_gauge: Gauge,
     bytes_gauge: Gauge,
+    oldest_gauge: Gauge,
     corrupt_bytes: Counter,
     metrics: std::sync::Arc<Metrics>,
 }
@@ -172,9 +175,13 @@ impl SinkBuffer {
                 }
             }
         };
+        let high = open_lane(Priority::High)?;
+        let normal = open_lane(Priority::Normal)?;
+        let oldest = age::OldestRecord::new(high.len() + normal.len(), unix_now());
         let lanes = Lanes {
-            high: open_lane(Priority::High)?,
-            normal: open_lane(Priority::Normal)?,
+            high,
+            normal,
+            oldest,
         };
         let buffer = Self {
             sink: sink.to_owned(),
@@ -192,10 +199,11 @@ impl SinkBuffer {
             space: Notify::new(),
             events_gauge: metrics.buffer_events.get_or_create(&label).clone(),
             bytes_gauge: metrics.buffer_bytes.get_or_create(&label).clone(),
+            oldest_gauge: metrics.buffer_oldest_event.get_or_create(&label).clone(),
             corrupt_bytes,
             metrics: std::sync::Arc::clone(&metrics),
         };
-        buffer.update_gauges(&buffer.lock());
+        buffer.update_gauges(&mut buffer.lock());
         Ok(buffer)
     }
 
@@ -212,12 +220,15 @@ impl SinkBuffer {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn update_gauges(&self, lanes: &Lanes) {
+    fn update_gauges(&self, lanes: &mut Lanes) {
         let events = lanes.high.len() + lanes.normal.len();
         self.events_gauge
             .set(i64::try_from(events).unwrap_or(i64::MAX));
         self.bytes_gauge
             .set(i64::try_from(lanes.bytes()).unwrap_or(i64::MAX));
+        let oldest = lanes.oldest.oldest(events).unwrap_or(0);
+        self.oldest_gauge
+            .set(i64::try_from(oldest).unwrap_or(i64::MAX));
     }
 
     /// Appends encoded records to their lanes. Stops at the first record that does not
@@ -272,7 +283,8 @@ impl SinkBuffer {
                 }
             }
         }
-        self.update_gauges(&lanes);
+        lanes.oldest.appended(stored as u64, unix_now());
+        self.update_gauges(&mut lanes);
         (stored, error)
     }
 
@@ -350,7 +362,7 @@ impl SinkBuffer {
         if evicted == 0 {
             evicted = lanes.high.evict_oldest()?.records;
         }
-        self.update_gauges(&lanes);
+        self.update_gauges(&mut lanes);
         Ok(evicted)
     }
 
@@ -429,7 +441,7 @@ impl SinkBuffer {
                 tracing::error!(sink = %self.sink, lane = priority.as_str(), id, error = %err, "buffer acknowledgement failed");
             }
         }
-        self.update_gauges(&lanes);
+        self.update_gauges(&mut lanes);
         drop(lanes);
         self.space.notify_waiters();
     }
@@ -442,6 +454,13 @@ impl SinkBuffer {
         drop(lanes);
         self.readable.notify_waiters();
     }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 /// Runs `work` that blocks on the disk, letting a multi-thread runtime hand this

@@ -86,6 +86,35 @@ pub struct HashLabel {
     pub hash: String,
 }
 
+/// `reason`s of `fieldgate_dropped_events_total`, created at zero for every sink.
+pub const DROP_REASONS: &[&str] = &[
+    "buffer_full",
+    "evicted",
+    "too_large",
+    "shutting_down",
+    "storage_error",
+    "corrupt",
+    "encode_failed",
+    "rejected",
+    "intake_full",
+];
+
+/// `reason`s of `fieldgate_refused_connections_total`, created at zero for every listener.
+pub const REFUSAL_REASONS: &[&str] = &[
+    "hello_timeout",
+    "unauthenticated_frame_too_large",
+    "partial_frame_budget",
+    "fd_reserve",
+    "max_connections",
+    "header_timeout",
+    "idle_timeout",
+];
+
+/// `reason`s of `fieldgate_protocol_parse_failures_total` created at zero for every TCP
+/// source: the framing error and the commonest message error. Other reasons (the wire
+/// error codes) appear when first counted.
+pub const PARSE_REASONS: &[&str] = &["frame_too_large", "invalid_json"];
+
 /// Every metric the gateway exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -106,6 +135,8 @@ pub struct Metrics {
     pub buffer_events: Family<SinkLabel, Gauge>,
     /// Bytes held by each sink's buffer.
     pub buffer_bytes: Family<SinkLabel, Gauge>,
+    /// When the oldest event in each sink's buffer was stored (Unix seconds; 0 when empty).
+    pub buffer_oldest_event: Family<SinkLabel, Gauge>,
     /// Corrupt buffer bytes cut away at start-up or found while reading.
     pub buffer_corrupt_bytes: Family<SinkLabel, Counter>,
     /// 1 while the sink's upstream connection is up.
@@ -152,6 +183,7 @@ impl Metrics {
             auth_failures: Family::default(),
             buffer_events: Family::default(),
             buffer_bytes: Family::default(),
+            buffer_oldest_event: Family::default(),
             buffer_corrupt_bytes: Family::default(),
             upstream_connected: Family::default(),
             upstream_connect_failures: Family::default(),
@@ -205,6 +237,12 @@ impl Metrics {
             "fieldgate_buffer_bytes",
             "Bytes held by the sink's buffer",
             metrics.buffer_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "fieldgate_buffer_oldest_event_timestamp",
+            "When the oldest event in the sink's buffer was stored, as Unix time; 0 when empty",
+            Unit::Seconds,
+            metrics.buffer_oldest_event.clone(),
         );
         registry.register(
             "fieldgate_buffer_corrupt_bytes",
@@ -347,6 +385,57 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Creates, at zero, every series of a TCP source, so dashboards show 0 from
+    /// start-up instead of no data.
+    pub fn declare_source(&self, source: &str) {
+        let label = Self::source(source);
+        drop(self.connections.get_or_create(&label));
+        drop(self.received_events.get_or_create(&label));
+        drop(self.auth_failures.get_or_create(&label));
+        for reason in PARSE_REASONS {
+            drop(self.parse_failures.get_or_create(&ParseLabels {
+                source: source.to_owned(),
+                reason: (*reason).to_owned(),
+            }));
+        }
+        self.declare_refusals(source);
+    }
+
+    /// Creates, at zero, the refusal series of a listener (a TCP source or `api`).
+    pub fn declare_refusals(&self, source: &str) {
+        for reason in REFUSAL_REASONS {
+            drop(self.refused_connections.get_or_create(&RefusalLabels {
+                source: source.to_owned(),
+                reason: (*reason).to_owned(),
+            }));
+        }
+    }
+
+    /// Creates, at zero, the authentication failure series of a non-TCP `source`
+    /// (`http`, `api_admin`).
+    pub fn declare_auth(&self, source: &str) {
+        drop(self.auth_failures.get_or_create(&Self::source(source)));
+    }
+
+    /// Creates, at zero, every series of a sink; `upstream` for sinks with an upstream
+    /// connection (MQTT), which also get the connection and latency series.
+    pub fn declare_sink(&self, sink: &str, upstream: bool) {
+        let label = Self::sink(sink);
+        drop(self.sent_events.get_or_create(&label));
+        drop(self.buffer_events.get_or_create(&label));
+        drop(self.buffer_bytes.get_or_create(&label));
+        drop(self.buffer_oldest_event.get_or_create(&label));
+        drop(self.buffer_corrupt_bytes.get_or_create(&label));
+        for reason in DROP_REASONS {
+            self.dropped(sink, reason, 0);
+        }
+        if upstream {
+            drop(self.upstream_connected.get_or_create(&label));
+            drop(self.upstream_connect_failures.get_or_create(&label));
+            drop(self.event_latency.get_or_create(&label));
+        }
     }
 
     /// Counts `count` events for `sink` that will never be delivered.

@@ -1,10 +1,12 @@
 //! How the gateway reports on itself: Prometheus metrics, process statistics, logs, the
-//! resource watchdog and CPU profiles.
+//! resource watchdog, CPU profiles and systemd notifications.
 
+pub mod inventory;
 pub mod logging;
 pub mod metrics;
 mod process;
 pub mod profiling;
+pub mod systemd;
 pub mod watchdog;
 
 pub use metrics::Metrics;

@@ -92,8 +92,10 @@ impl Topology {
         Ok(topology)
     }
 
-    /// Shows the running config in the API and the metrics.
+    /// Shows the running config in the API and the metrics (every series it implies at
+    /// zero, so dashboards never show "no data").
     fn publish(&self) {
+        crate::telemetry::inventory::declare(&self.shared.metrics, &self.config);
         let detached = build::detached_buffers(&self.shared.data_dir, &self.sinks);
         let metrics = &self.shared.metrics;
         metrics.set_config_hash(&self.config.hash);
@@ -204,6 +206,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         Arc::clone(&profiler),
     );
     observers.spawn(watchdog.run(observers.token()));
+    observers.spawn(crate::telemetry::systemd::watchdog(observers.token()));
     if let (Some(registry), Some(commands)) = (&registry, &commands) {
         if let Some(v1) = &v1_state {
             v1.attach_commands(Arc::clone(commands));
@@ -241,6 +244,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         _ => None,
     };
     api_state.ready.store(true, Ordering::Release);
+    crate::telemetry::systemd::notify_ready();
     tracing::info!(
         gateway = %topology.shared.gateway,
         sources = topology.sources.len(),

@@ -64,6 +64,7 @@ pub async fn shutdown(
     api: TaskGroup,
 ) -> anyhow::Result<()> {
     tracing::info!(?grace, "shutting down");
+    crate::telemetry::systemd::notify_stopping();
     topology
         .shared
         .api

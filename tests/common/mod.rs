@@ -652,6 +652,20 @@ impl GatewayConfig {
     }
 }
 
+/// How to run the gateway: the binary, a program to run it under (qemu-user) and extra
+/// environment variables.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// The gateway binary; the one cargo built when `None`.
+    pub binary: Option<PathBuf>,
+    /// Runs `PREFIX... BINARY run --config FILE` (e.g. `qemu-aarch64-static`).
+    pub prefix: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+    /// More arguments after `run --config FILE` (`--watch`).
+    pub args: Vec<String>,
+}
+
 /// The gateway binary running as a child process.
 pub struct Gateway {
     dir: TempDir,
@@ -663,7 +677,7 @@ pub struct Gateway {
     stderr_path: PathBuf,
     child: Option<Child>,
     runs: u32,
-    args: Vec<String>,
+    launch: Launch,
 }
 
 impl Gateway {
@@ -684,11 +698,22 @@ impl Gateway {
 
     /// Like [`Gateway::start`] without waiting for readiness.
     pub fn spawn(config: &str) -> Self {
-        Self::spawn_with_args(config, &[])
+        Self::spawn_with(config, Launch::default())
     }
 
     /// Like [`Gateway::spawn`], with more arguments after `run --config FILE`.
     pub fn spawn_with_args(config: &str, args: &[&str]) -> Self {
+        Self::spawn_with(
+            config,
+            Launch {
+                args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// Like [`Gateway::spawn`], run as `launch` says.
+    pub fn spawn_with(config: &str, launch: Launch) -> Self {
         let dir = tempfile::tempdir().expect("gateway tempdir");
         let data_dir = dir.path().join("data");
         let config = with_data_dir(config, &data_dir);
@@ -711,7 +736,7 @@ impl Gateway {
             stderr_path,
             child: None,
             runs: 0,
-            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            launch,
         };
         gateway.spawn_child();
         gateway
@@ -726,11 +751,25 @@ impl Gateway {
             .open(&self.stderr_path)
             .expect("open stderr log");
         writeln!(log, "===== fieldgate run #{} =====", self.runs).expect("write log");
-        let child = Command::new(fieldgate_bin())
+        let binary = self
+            .launch
+            .binary
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(fieldgate_bin()));
+        let mut command = match self.launch.prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
+        let child = command
+            .envs(self.launch.env.iter().cloned())
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
-            .args(&self.args)
+            .args(&self.launch.args)
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
