@@ -250,10 +250,11 @@ fn metric_names(text: &str, process: bool) -> BTreeSet<String> {
                 .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
                 .collect();
             rest = &rest[at + name.len()..];
-            // A metric, not part of a longer word (`my_fieldgate_x`) or a pattern
-            // (`fieldgate_<thing>_total`).
+            // A metric, not part of a longer word (`my_fieldgate_x`), a pattern
+            // (`fieldgate_<thing>_total`) or a file name (`fieldgate_0.1.0_arm64.deb`).
             let standalone = !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-            if standalone && !rest.starts_with('<') && !name.ends_with('_') {
+            let word = name[prefix.len()..].starts_with(|c: char| c.is_ascii_lowercase());
+            if standalone && word && !rest.starts_with('<') && !name.ends_with('_') {
                 names.insert(name);
             }
         }
