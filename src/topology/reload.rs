@@ -182,6 +182,18 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     for source in &retired {
         source.stop();
     }
+    let retiring = async {
+        futures_util::future::join_all(retired.iter().map(|source| source.stopped())).await;
+    };
+    if tokio::time::timeout(SOURCE_GOODBYE, retiring)
+        .await
+        .is_err()
+    {
+        tracing::warn!("replaced sources did not close every connection in time");
+    }
+    // Their routes hold the intakes of removed and reopened sinks; once they are gone,
+    // those sinks' writers see their last sender leave and finish without waiting.
+    drop(retired);
     for (name, (sender, receiver)) in reopened {
         // The old writer drains its queue once its last sender (old routes) is gone.
         if let Some(old) = topology.sinks.remove(&name) {
@@ -212,15 +224,6 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
         {
             tls.install(acceptor.clone());
         }
-    }
-    let retiring = async {
-        futures_util::future::join_all(retired.iter().map(|source| source.stopped())).await;
-    };
-    if tokio::time::timeout(SOURCE_GOODBYE, retiring)
-        .await
-        .is_err()
-    {
-        tracing::warn!("replaced sources did not close every connection in time");
     }
     stop_sinks(removed_sinks).await;
 
