@@ -167,3 +167,77 @@ fn hop(target: &Target, event: Event, deliveries: &mut Vec<(Intake, Event)>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pipeline::intake;
+    use crate::transforms::filter::FilterConfig;
+    use crate::transforms::remap::RemapConfig;
+    use crate::transforms::tests::{build, event_json};
+
+    /// Allocations and bytes allocated per event sent through a source output: the plain
+    /// path (one sink) and one `filter` plus one `remap` before it. A benchmark, not a
+    /// check: `cargo test --release --bin fieldgate allocations_per_event -- --ignored
+    /// --nocapture --test-threads 1` (see docs/BENCHMARKS.md).
+    #[test]
+    #[ignore = "benchmark; run explicitly"]
+    fn allocations_per_event() {
+        const EVENTS: u64 = 10_000;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime");
+        let (sender, mut receiver) = intake();
+        let filter = build::<FilterConfig>(
+            "inputs = [\"d\"]\ncondition = { kind = \"telemetry\", field = \"temp\", gt = -1000.0 }",
+        );
+        let remap = build::<RemapConfig>(
+            "inputs = [\"hot\"]\nset = { site = \"north\" }\nconvert.temp = { from = \"degC\", to = \"degF\" }",
+        );
+        let remap_node = Arc::new(TransformNode {
+            transform: remap,
+            outputs: vec![vec![Target::Sink(sender.clone())]],
+        });
+        let filter_node = Arc::new(TransformNode {
+            transform: filter,
+            outputs: vec![vec![Target::Transform(remap_node)]],
+        });
+        let paths = [
+            ("one sink", SourceOutput::new(vec![Target::Sink(sender)])),
+            (
+                "filter + remap + one sink",
+                SourceOutput::new(vec![Target::Transform(filter_node)]),
+            ),
+        ];
+        // The simulator's payload shape.
+        let event = event_json(br#"{"device":"dev-1","seq":42,"t":1764650000000000,"temp":21.5}"#);
+        for (name, output) in paths {
+            let mut send = |count: u64| {
+                for _ in 0..count {
+                    runtime.block_on(output.send(event.clone(), true));
+                    while let Ok(item) = receiver.normal.try_recv() {
+                        if let Some(ack) = item.ack {
+                            ack.confirm();
+                        }
+                    }
+                }
+            };
+            send(100);
+            let profiler = dhat::Profiler::builder().testing().build();
+            send(EVENTS);
+            let stats = dhat::HeapStats::get();
+            drop(profiler);
+            #[allow(clippy::cast_precision_loss, reason = "a printed ratio")]
+            let per_event = |total: u64| total as f64 / EVENTS as f64;
+            println!(
+                "{name}: {:.2} allocations, {:.0} bytes allocated per event (ack mode)",
+                per_event(stats.total_blocks),
+                per_event(stats.total_bytes)
+            );
+            assert!(
+                stats.total_blocks >= EVENTS,
+                "the ack costs at least one allocation"
+            );
+        }
+    }
+}

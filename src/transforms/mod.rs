@@ -7,9 +7,9 @@
 //! transform touches is never parsed by the gateway.
 
 mod condition;
-mod filter;
+pub(crate) mod filter;
 mod payload;
-mod remap;
+pub(crate) mod remap;
 mod route;
 mod units;
 
