@@ -189,7 +189,8 @@ pub fn parse<C: Components>(
     })
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (the config hash, file fingerprints).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 

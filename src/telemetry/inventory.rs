@@ -9,6 +9,7 @@ use super::Metrics;
 
 /// Creates the series of every configured source, sink and listener in `metrics`.
 pub fn declare(metrics: &Metrics, config: &Config) {
+    metrics.declare_reloads();
     for (name, source) in &config.components.sources {
         if matches!(source, SourceConfig::Tcp(_)) {
             metrics.declare_source(name);

@@ -99,6 +99,9 @@ pub const DROP_REASONS: &[&str] = &[
     "intake_full",
 ];
 
+/// `result`s of `fieldgate_config_reloads_total`, created at zero from start-up.
+pub const RELOAD_RESULTS: &[&str] = &["applied", "unchanged", "failed"];
+
 /// `reason`s of `fieldgate_refused_connections_total`, created at zero for every listener.
 pub const REFUSAL_REASONS: &[&str] = &[
     "hello_timeout",
@@ -355,15 +358,21 @@ impl Metrics {
             .clone()
     }
 
-    /// Counts one reload with `result`; makes sure every result shows from start-up.
+    /// Counts one reload with `result` (one of [`RELOAD_RESULTS`]).
     pub fn reloaded(&self, result: &str) {
-        for known in ["applied", "unchanged", "failed"] {
-            let counter = self.config_reloads.get_or_create(&ReloadLabel {
-                result: known.to_owned(),
-            });
-            if known == result {
-                counter.inc();
-            }
+        self.config_reloads
+            .get_or_create(&ReloadLabel {
+                result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Creates `fieldgate_config_reloads_total` at zero for every result.
+    pub fn declare_reloads(&self) {
+        for result in RELOAD_RESULTS {
+            drop(self.config_reloads.get_or_create(&ReloadLabel {
+                result: (*result).to_owned(),
+            }));
         }
     }
 

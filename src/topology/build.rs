@@ -228,11 +228,7 @@ pub fn fingerprint(files: &[PathBuf]) -> String {
         digest.update(file.as_os_str().as_encoded_bytes());
         digest.update(std::fs::read(file).unwrap_or_default());
     }
-    digest
-        .finalize()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    crate::config::hex(&digest.finalize())
 }
 
 /// A source that is bound but not yet running.

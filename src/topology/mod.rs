@@ -99,7 +99,6 @@ impl Topology {
         let detached = build::detached_buffers(&self.shared.data_dir, &self.sinks);
         let metrics = &self.shared.metrics;
         metrics.set_config_hash(&self.config.hash);
-        metrics.reloaded("");
         metrics.detached_buffer_bytes.clear();
         for buffer in &detached {
             metrics

@@ -2,8 +2,8 @@
 //! changed, or leaves everything untouched and says why.
 //!
 //! Order: the new config is loaded and checked; everything that can fail is prepared
-//! without touching the running pieces (transforms built, TLS material read, new sinks
-//! opened, new and changed sources bound: a changed source's new listener shares the
+//! without touching the running pieces (TLS material read, new sinks opened, the routes
+//! compiled with their transforms, new and changed sources bound: a changed source's new listener shares the
 //! port with the old one through `SO_REUSEPORT`); then the changes are committed: a
 //! changed sink restarts on its existing buffer (its intake swapped first, so nothing
 //! sent meanwhile is lost), the routes of every source are swapped in place, new
@@ -91,12 +91,6 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     let shared = std::sync::Arc::clone(&topology.shared);
 
     // Prepare everything that can fail; the running topology is untouched until commit.
-    for (name, transform) in &new.components.transforms {
-        transform
-            .spec()
-            .build(name, &shared.transforms)
-            .map_err(|err| err.to_string())?;
-    }
     let mut fresh_tls = Vec::new();
     for (name, source) in &topology.sources {
         if let Some(tls) = source.tls.as_ref().filter(|_| !plan.is_rebuilt(name)) {
@@ -118,6 +112,30 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             }
         }
     }
+    // The routes of the new graph, over the sinks as they will be: the reopened ones get a
+    // new intake now, which the routes feed while the old writer drains.
+    let reopened: BTreeMap<_, _> = plan
+        .sinks_reopened
+        .iter()
+        .map(|name| (name.clone(), intake()))
+        .collect();
+    let mut intakes = build::intakes(&topology.sinks);
+    for name in &plan.sinks_removed {
+        intakes.remove(name);
+    }
+    intakes.extend(build::intakes(&added_sinks));
+    for (name, (sender, _)) in &reopened {
+        intakes.insert(name.clone(), sender.clone());
+    }
+    let compiled = new.components.compile(&intakes, &shared.transforms);
+    drop(intakes);
+    let mut routes = match compiled {
+        Ok(routes) => routes,
+        Err(err) => {
+            stop_sinks(added_sinks).await;
+            return Err(err.to_string());
+        }
+    };
     let mut pending = BTreeMap::new();
     for name in plan.sources_added.iter().chain(&plan.sources_changed) {
         match PendingSource::bind(name, &new.components.sources[name], &shared).await {
@@ -133,15 +151,6 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     }
 
     // Commit.
-    let mut reopened = BTreeMap::new();
-    for name in &plan.sinks_reopened {
-        // New intake first: the routes swapped below feed it while the old writer drains.
-        let (sender, receiver) = intake();
-        if let Some(old) = topology.sinks.get_mut(name) {
-            old.intake = sender.clone();
-        }
-        reopened.insert(name.clone(), (sender, receiver));
-    }
     for name in &plan.sinks_restarted {
         if let Some(sink) = topology.sinks.get_mut(name) {
             sink.restart_sink(name, &new.components.sinks[name], &shared)
@@ -155,10 +164,6 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
         }
     }
     topology.sinks.extend(added_sinks);
-    let mut routes = new
-        .components
-        .compile(&build::intakes(&topology.sinks), &shared.transforms)
-        .map_err(|err| err.to_string())?;
     for (name, source) in &topology.sources {
         if !plan.is_rebuilt(name) && !plan.sources_removed.contains(name) {
             source
