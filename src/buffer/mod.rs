@@ -6,6 +6,7 @@
 
 mod age;
 mod config;
+mod recent;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,8 @@ pub struct Delivery {
 struct Lanes {
     high: Queue,
     normal: Queue,
+    /// In-memory copies of the latest appends, per lane (high, normal).
+    recent: [recent::RecentEvents; 2],
     oldest: age::OldestRecord,
 }
 
@@ -56,6 +59,14 @@ impl Lanes {
         match priority {
             Priority::High => &mut self.high,
             Priority::Normal => &mut self.normal,
+        }
+    }
+
+    /// A lane with its in-memory copies.
+    fn lane_and_recent(&mut self, priority: Priority) -> (&mut Queue, &mut recent::RecentEvents) {
+        match priority {
+            Priority::High => (&mut self.high, &mut self.recent[0]),
+            Priority::Normal => (&mut self.normal, &mut self.recent[1]),
         }
     }
 
@@ -181,6 +192,7 @@ impl SinkBuffer {
         let lanes = Lanes {
             high,
             normal,
+            recent: Default::default(),
             oldest,
         };
         let buffer = Self {
@@ -237,11 +249,34 @@ impl SinkBuffer {
     /// A record over [`largest_record`] fails with
     /// [`AppendError::TooLarge`], never [`AppendError::Full`]: `Full` always means that
     /// acknowledgements will eventually make room for it.
-    pub fn append(&self, records: &[(Priority, Vec<u8>)]) -> (usize, Option<AppendError>) {
+    pub fn append<R: AsRef<[u8]>>(
+        &self,
+        records: &[(Priority, R)],
+    ) -> (usize, Option<AppendError>) {
+        self.append_records(records, &[])
+    }
+
+    /// Appends like [`append`](Self::append), and keeps the events themselves in memory
+    /// (bounded), so that the sink takes them without reading them back from disk and
+    /// decoding them. `events[i]` is the event `records[i]` encodes.
+    pub fn append_events<R: AsRef<[u8]>>(
+        &self,
+        records: &[(Priority, R)],
+        events: &[&Event],
+    ) -> (usize, Option<AppendError>) {
+        self.append_records(records, events)
+    }
+
+    fn append_records<R: AsRef<[u8]>>(
+        &self,
+        records: &[(Priority, R)],
+        events: &[&Event],
+    ) -> (usize, Option<AppendError>) {
         let mut lanes = self.lock();
         let mut stored = 0;
         let mut error = None;
-        for (priority, record) in records {
+        for (index, (priority, record)) in records.iter().enumerate() {
+            let record = record.as_ref();
             let len = record.len() as u64;
             if len > self.largest_record {
                 error = Some(AppendError::TooLarge {
@@ -264,8 +299,14 @@ impl SinkBuffer {
                     break;
                 }
             }
-            match lanes.lane(*priority).append(record) {
-                Ok(_) => stored += 1,
+            let (lane, recent) = lanes.lane_and_recent(*priority);
+            match lane.append(record) {
+                Ok(id) => {
+                    stored += 1;
+                    if let Some(event) = events.get(index) {
+                        recent.keep(id, event);
+                    }
+                }
                 Err(BufferError::Full { .. }) => {
                     error = Some(AppendError::Full);
                     break;
@@ -354,6 +395,12 @@ impl SinkBuffer {
         Ok(())
     }
 
+    /// Tells the sink that records were appended, before they are flushed: it may take them
+    /// from memory (see [`recent`]), or read them from the queue, which flushes first.
+    pub fn announce(&self) {
+        self.readable.notify_waiters();
+    }
+
     /// Evicts the oldest normal-lane segment (high lane only when normal is empty);
     /// returns how many records were evicted.
     pub fn evict_oldest(&self) -> Result<u64, BufferError> {
@@ -376,7 +423,14 @@ impl SinkBuffer {
         let mut lanes = self.lock();
         for priority in Priority::ALL {
             loop {
-                let lane = lanes.lane(priority);
+                let (lane, recent) = lanes.lane_and_recent(priority);
+                if let Some((id, event)) = recent.take_next(lane) {
+                    return Some(Delivery {
+                        lane: priority,
+                        id,
+                        event,
+                    });
+                }
                 match lane.read_next() {
                     Ok(Some((id, record))) => match Event::decode(record) {
                         Ok(event) => {

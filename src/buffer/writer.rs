@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{AppendError, SinkBuffer};
 use super::{FsyncPolicy, WhenFull};
-use crate::pipeline::{IntakeReceiver, Item};
+use crate::pipeline::{AckToken, IntakeReceiver, Item};
 use crate::telemetry::Metrics;
 
 /// Items appended per group commit.
@@ -25,6 +25,15 @@ const BATCH: usize = 512;
 const STOP_DRAIN_BATCHES: usize = 32;
 /// How often a blocked writer looks for space even without an ack (a safety net).
 const FULL_RETRY: Duration = Duration::from_millis(100);
+/// Least time between two group commits of partial batches: the latency the writer may
+/// add to an event (and to its device's ack) in exchange for fewer wake-ups per event.
+const STORE_PACING: Duration = Duration::from_millis(1);
+/// Longest a record no device waits for stays in the writer's memory before it is handed
+/// to the OS (a `kill -9` may lose it meanwhile, as it may lose what waits in the intake).
+const FLUSH_DELAY: Duration = Duration::from_millis(5);
+/// Capacity of the encoding buffer kept between commits; a batch of large records may
+/// grow it beyond, and then it is freed.
+const SCRATCH_KEEP: usize = 1024 * 1024;
 
 /// How a writer stores what it receives.
 #[derive(Debug, Clone, Copy)]
@@ -55,15 +64,38 @@ pub async fn run(
     sync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
     let mut normal_batch: Vec<Item> = Vec::with_capacity(BATCH);
+    let mut scratch: Vec<u8> = Vec::new();
+    // Records no device waits for are handed to the OS within FLUSH_DELAY, together, not
+    // one `write` each (see `store`). Armed only while such records are pending.
+    let flush_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(flush_timer);
+    let mut flush_pending = false;
+    // After a commit of a partial batch, the writer waits out STORE_PACING before it takes
+    // from the intake again, so that events arriving one by one are stored (and the sink
+    // woken) together rather than one wake-up and one append each.
+    let pace_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(pace_timer);
+    let mut pacing = false;
     let mut high_open = true;
     let mut normal_open = true;
     while high_open || normal_open {
         tokio::select! {
             biased;
-            received = intake.high.recv_many(&mut batch, BATCH), if high_open => {
+            () = &mut flush_timer, if flush_pending => {
+                flush_pending = false;
+                if let Err(err) = buffer.commit(false) {
+                    tracing::error!(sink = buffer.sink(), error = %err, "buffer flush failed");
+                }
+                continue;
+            }
+            () = &mut pace_timer, if pacing => {
+                pacing = false;
+                continue;
+            }
+            received = intake.high.recv_many(&mut batch, BATCH), if high_open && !pacing => {
                 high_open = received > 0;
             }
-            received = intake.normal.recv_many(&mut normal_batch, BATCH), if normal_open => {
+            received = intake.normal.recv_many(&mut normal_batch, BATCH), if normal_open && !pacing => {
                 normal_open = received > 0;
                 batch.append(&mut normal_batch);
             }
@@ -83,11 +115,12 @@ pub async fn run(
                     if batch.is_empty() {
                         break;
                     }
-                    store(&buffer, &mut batch, policy, &metrics, &stop).await;
+                    store(&buffer, &mut batch, &mut scratch, policy, &metrics, &stop).await;
                 }
                 break;
             }
             _ = sync_timer.tick(), if policy.fsync == FsyncPolicy::Interval => {
+                flush_pending = false;
                 if let Err(err) = buffer.commit(true) {
                     tracing::error!(sink = buffer.sink(), error = %err, "periodic buffer sync failed");
                 }
@@ -102,7 +135,20 @@ pub async fn run(
             }
         }
         if !batch.is_empty() {
-            store(&buffer, &mut batch, policy, &metrics, &stop).await;
+            if batch.len() < BATCH {
+                pacing = true;
+                pace_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + STORE_PACING);
+            }
+            if store(&buffer, &mut batch, &mut scratch, policy, &metrics, &stop).await {
+                flush_pending = false;
+            } else if !flush_pending {
+                flush_pending = true;
+                flush_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + FLUSH_DELAY);
+            }
         }
     }
     if let Err(err) = buffer.commit(true) {
@@ -112,31 +158,48 @@ pub async fn run(
 }
 
 /// Stores `batch` (emptying it), applying the full policy, then commits and confirms.
+///
+/// A batch that no device waits for (no ack token) and that `fsync = "always"` does not
+/// cover is appended but not flushed: the sink takes it from memory at once, and the
+/// writer flushes within [`FLUSH_DELAY`]. Returns whether it committed.
 async fn store(
     buffer: &SinkBuffer,
     batch: &mut Vec<Item>,
+    scratch: &mut Vec<u8>,
     policy: WriterPolicy,
     metrics: &Metrics,
     stop: &CancellationToken,
-) {
+) -> bool {
     // High lane first within the commit, as in the intake.
     batch.sort_by_key(|item| item.event.priority != Priority::High);
-    let records: Vec<(Priority, Vec<u8>)> = batch
+    // Every record of the batch encoded into one reused buffer: no allocation per record.
+    scratch.clear();
+    let mut ends = Vec::with_capacity(batch.len());
+    for item in batch.iter() {
+        item.event.encode(&mut *scratch);
+        ends.push(scratch.len());
+    }
+    let mut start = 0;
+    let records: Vec<(Priority, &[u8])> = batch
         .iter()
-        .map(|item| {
-            let mut record = Vec::with_capacity(item.event.encoded_len());
-            item.event.encode(&mut record);
-            (item.event.priority, record)
+        .zip(&ends)
+        .map(|(item, &end)| {
+            let record = (item.event.priority, &scratch[start..end]);
+            start = end;
+            record
         })
         .collect();
-    let mut items = std::mem::take(batch).into_iter();
+    let mut tokens: Vec<Option<AckToken>> = batch.iter_mut().map(|item| item.ack.take()).collect();
+    let events: Vec<&fieldgate_core::Event> = batch.iter().map(|item| &item.event).collect();
     let mut stored_tokens = Vec::new();
     let mut offset = 0;
     while offset < records.len() {
-        let (stored, error) = buffer.append(&records[offset..]);
-        for item in items.by_ref().take(stored) {
-            stored_tokens.extend(item.ack);
-        }
+        let (stored, error) = buffer.append_events(&records[offset..], &events[offset..]);
+        stored_tokens.extend(
+            tokens[offset..offset + stored]
+                .iter_mut()
+                .filter_map(Option::take),
+        );
         offset += stored;
         let reason = match error {
             None => continue,
@@ -182,23 +245,29 @@ async fn store(
                 "storage_error"
             }
         };
-        if let Some(item) = items.next() {
-            metrics.dropped(buffer.sink(), reason, 1);
-            if let Some(ack) = item.ack {
-                ack.reject(reason);
-            }
+        metrics.dropped(buffer.sink(), reason, 1);
+        if let Some(ack) = tokens.get_mut(offset).and_then(Option::take) {
+            ack.reject(reason);
         }
         offset += 1;
     }
+    drop((records, events));
+    batch.clear();
+    if scratch.capacity() > SCRATCH_KEEP {
+        *scratch = Vec::new();
+    }
+    if stored_tokens.is_empty() && policy.fsync != FsyncPolicy::Always {
+        buffer.announce();
+        return false;
+    }
     commit(buffer, policy, &mut stored_tokens);
+    true
 }
 
 /// Flushes (or fsyncs under `always`) and confirms the stored items' acks.
-fn commit(buffer: &SinkBuffer, policy: WriterPolicy, tokens: &mut Vec<crate::pipeline::AckToken>) {
+fn commit(buffer: &SinkBuffer, policy: WriterPolicy, tokens: &mut Vec<AckToken>) {
     match buffer.commit(policy.fsync == FsyncPolicy::Always) {
-        Ok(()) => tokens
-            .drain(..)
-            .for_each(crate::pipeline::AckToken::confirm),
+        Ok(()) => tokens.drain(..).for_each(AckToken::confirm),
         Err(err) => {
             tracing::error!(sink = buffer.sink(), error = %err, "buffer commit failed; devices are not acked");
             tokens

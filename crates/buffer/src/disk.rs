@@ -384,6 +384,26 @@ impl DiskQueue {
         }
     }
 
+    /// The id [`read_next`](Self::read_next) would return next, without reading it: the
+    /// first unacked record at or after the read position, or `None` when caught up.
+    pub fn next_unread(&self) -> Option<RecordId> {
+        let mut id = self.read_id.max(self.acks.floor());
+        while id < self.next_id {
+            if !self.acks.is_acked(id) {
+                return Some(id);
+            }
+            id += 1;
+        }
+        None
+    }
+
+    /// Moves the read position past `id` without reading it: the caller holds the record
+    /// already (the sink's in-memory copy of what was just appended). `id` should be what
+    /// [`next_unread`](Self::next_unread) returned; a smaller one changes nothing.
+    pub fn skip_read(&mut self, id: RecordId) {
+        self.read_id = self.read_id.max(id.saturating_add(1));
+    }
+
     /// Marks one record delivered; acks may come in any order. Deletes segment files whose
     /// records (and all earlier ones) are now acked. Unknown or already acked ids are ignored.
     pub fn ack(&mut self, id: RecordId) -> Result<(), BufferError> {

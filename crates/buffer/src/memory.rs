@@ -83,6 +83,23 @@ impl MemoryQueue {
         Ok(None)
     }
 
+    /// See [`DiskQueue::next_unread`](crate::DiskQueue::next_unread).
+    pub fn next_unread(&self) -> Option<RecordId> {
+        (self.read_index..self.entries.len())
+            .find(|&index| self.entries[index].is_some())
+            .map(|index| self.id_at(index))
+    }
+
+    /// See [`DiskQueue::skip_read`](crate::DiskQueue::skip_read).
+    pub fn skip_read(&mut self, id: RecordId) {
+        let past = id
+            .saturating_add(1)
+            .checked_sub(self.first_id)
+            .and_then(|offset| usize::try_from(offset).ok())
+            .map_or(0, |offset| offset.min(self.entries.len()));
+        self.read_index = self.read_index.max(past);
+    }
+
     /// Marks one record delivered; unknown or already acked ids are ignored.
     pub fn ack(&mut self, id: RecordId) -> Result<(), BufferError> {
         let index = id

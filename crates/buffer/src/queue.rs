@@ -66,6 +66,16 @@ impl Queue {
         delegate!(self.read_next())
     }
 
+    /// See [`DiskQueue::next_unread`].
+    pub fn next_unread(&self) -> Option<RecordId> {
+        delegate!(self.next_unread())
+    }
+
+    /// See [`DiskQueue::skip_read`].
+    pub fn skip_read(&mut self, id: RecordId) {
+        delegate!(self.skip_read(id))
+    }
+
     /// See [`DiskQueue::ack`].
     pub fn ack(&mut self, id: RecordId) -> Result<(), BufferError> {
         delegate!(self.ack(id))

@@ -18,6 +18,8 @@ enum Op {
     Flush,
     Sync,
     ReadNext,
+    /// `next_unread` then `skip_read`: a record taken from the sink's in-memory copy.
+    SkipRead,
     AckLive(usize),
     AckAny(u64),
     Rewind,
@@ -32,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::Sync),
         6 => Just(Op::ReadNext),
+        3 => Just(Op::SkipRead),
         4 => any::<usize>().prop_map(Op::AckLive),
         1 => (0u64..200).prop_map(Op::AckAny),
         1 => Just(Op::Rewind),
@@ -129,6 +132,15 @@ fn run(ops: Vec<Op>, mut queue: Queue, dir: Option<&Path>, opts: DiskQueueOption
                         model.cursor = id + 1;
                     }
                     _ => panic!("read_next: expected {expected:?}, got {got:?}"),
+                }
+            }
+            Op::SkipRead => {
+                let expected = model.live.range(model.cursor..).next().map(|(&id, _)| id);
+                let got = queue.next_unread();
+                assert_eq!(got, expected, "next_unread");
+                if let Some(id) = got {
+                    queue.skip_read(id);
+                    model.cursor = id + 1;
                 }
             }
             Op::AckLive(index) => {

@@ -25,6 +25,13 @@ impl DeviceId {
     }
 }
 
+/// Lets sets and maps of devices be searched by `&str`, without building a `DeviceId`.
+impl std::borrow::Borrow<str> for DeviceId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for DeviceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

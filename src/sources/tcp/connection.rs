@@ -20,6 +20,7 @@ use fieldgate_codec::{
     DeviceMessage, FrameDecoder, Reply, encode_reply, parse_message, validate_device_id,
 };
 use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
+use futures_util::future::BoxFuture;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -173,7 +174,30 @@ impl Connection {
         // Absolute: heartbeats (or any frame) before a hello do not move it.
         let hello_deadline = last_activity + self.shared.settings.hello_timeout;
         let mut frame_started: Option<Instant> = None;
+        // One timer for the connection's life. Activity only moves the deadline later: the
+        // timer then fires early once and is re-armed, instead of being registered anew on
+        // every frame (the timer wheel's lock is per event otherwise).
+        let timer = sleep_until(hello_deadline.min(last_activity + settings_idle));
+        tokio::pin!(timer);
+        // Likewise the waits for shutdown, revocation and commands live across frames: made
+        // anew in every loop, each would join and leave its wait list (a lock each way) per
+        // frame.
+        let shutdown = self.shutdown.clone();
+        let shutdown_wait = shutdown.cancelled();
+        tokio::pin!(shutdown_wait);
+        let mut close_wait: Option<BoxFuture<'static, ()>> = None;
+        let mut commands_wait: Option<BoxFuture<'static, ()>> = None;
         loop {
+            if let Some(signal) = &self.signal {
+                if close_wait.is_none() {
+                    let signal = Arc::clone(signal);
+                    close_wait = Some(Box::pin(async move { signal.close_requested().await }));
+                }
+                if commands_wait.is_none() {
+                    let signal = Arc::clone(signal);
+                    commands_wait = Some(Box::pin(async move { signal.commands_waiting().await }));
+                }
+            }
             let mut deadline = match frame_started {
                 Some(started) => (started + self.shared.settings.frame_timeout)
                     .min(last_activity + settings_idle),
@@ -182,11 +206,14 @@ impl Connection {
             if self.devices.is_empty() {
                 deadline = deadline.min(hello_deadline);
             }
+            if deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
             let can_read = self.pending_acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
                 biased;
-                _ = self.shutdown.cancelled() => return CloseReason::Shutdown,
-                () = close_requested(self.signal.as_deref()) => return CloseReason::Revoked,
+                () = &mut shutdown_wait => return CloseReason::Shutdown,
+                () = wait_for(&mut close_wait) => return CloseReason::Revoked,
                 outcome = front_ack(&mut self.pending_acks) => {
                     if let Some(seq) = self.pending_acks.pop_front().map(|(seq, _)| seq) {
                         let reply = match outcome {
@@ -198,7 +225,8 @@ impl Connection {
                         }
                     }
                 }
-                () = commands_waiting(self.signal.as_deref()) => {
+                () = wait_for(&mut commands_wait) => {
+                    commands_wait = None;
                     while let Some(command) = self.shared.services.directory.take_command(self.id) {
                         let reply = Reply::Command { id: &command.id, name: &command.name, params: &command.params };
                         if !Box::pin(self.reply(&reply)).await {
@@ -243,8 +271,12 @@ impl Connection {
                         }
                     }
                 }
-                () = sleep_until(deadline) => {
+                () = &mut timer => {
                     let now = Instant::now();
+                    if now < deadline {
+                        timer.as_mut().reset(deadline);
+                        continue;
+                    }
                     if frame_started.is_some_and(|started| now >= started + self.shared.settings.frame_timeout) {
                         Box::pin(self.protocol_error("frame_timeout", "frame not completed in time")).await;
                         return CloseReason::FrameTimeout;
@@ -310,7 +342,7 @@ impl Connection {
         self.rate_window_frames += 1;
         if self.rate_window_frames > limit {
             let resume = self.rate_window_start + Duration::from_secs(1);
-            tokio::time::sleep_until(resume).await;
+            sleep_until(resume).await;
             self.rate_window_start = resume;
             self.rate_window_frames = 1;
         }
@@ -416,18 +448,20 @@ impl Connection {
                         .await;
                     return Err(Some(CloseReason::Unauthorized));
                 }
+                // Known on this connection: the codec validated it, and no new allocation.
+                if let Some(known) = self.devices.get(named) {
+                    return Ok(known.clone());
+                }
                 if let Err(err) = validate_device_id(named) {
                     return Err(self.protocol_error(err.code(), &err.to_string()).await);
                 }
-                let device = DeviceId::new(named);
-                if !self.devices.contains(&device) {
-                    if self.devices.len() >= MAX_DEVICES_PER_CONNECTION {
-                        return Err(self
-                            .protocol_error("invalid_field", "too many devices on one connection")
-                            .await);
-                    }
-                    self.register(device.clone()).await;
+                if self.devices.len() >= MAX_DEVICES_PER_CONNECTION {
+                    return Err(self
+                        .protocol_error("invalid_field", "too many devices on one connection")
+                        .await);
                 }
+                let device = DeviceId::new(named);
+                self.register(device.clone()).await;
                 Ok(device)
             }
         }
@@ -707,10 +741,10 @@ async fn front_ack(pending: &mut VecDeque<(u64, AckWaiter)>) -> AckOutcome {
     }
 }
 
-/// Resolves when commands may be waiting; never before a device registered.
-async fn commands_waiting(signal: Option<&ConnectionSignal>) {
-    match signal {
-        Some(signal) => signal.commands_waiting().await,
+/// Resolves when `wait` does; never when there is none (no device registered yet).
+async fn wait_for(wait: &mut Option<BoxFuture<'static, ()>>) {
+    match wait {
+        Some(wait) => wait.await,
         None => std::future::pending().await,
     }
 }

@@ -4,7 +4,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -12,6 +12,18 @@ use tokio_rustls::server::TlsStream;
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bytes taken per read from a plain socket.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// One `read(2)` from the socket (inside `try_io`, which owns the readiness).
+#[cfg(unix)]
+fn read_socket(stream: &TcpStream, chunk: &mut [u8]) -> io::Result<usize> {
+    rustix::io::read(stream, chunk).map_err(io::Error::from)
+}
+
+/// One read from the socket (inside `try_io`, which owns the readiness).
+#[cfg(not(unix))]
+fn read_socket(stream: &TcpStream, chunk: &mut [u8]) -> io::Result<usize> {
+    stream.try_read(chunk)
+}
 
 /// A device connection's transport.
 pub enum DeviceStream {
@@ -31,13 +43,27 @@ impl DeviceStream {
             DeviceStream::Plain(stream) => loop {
                 stream.readable().await?;
                 let mut chunk = [0u8; READ_CHUNK];
-                match stream.try_read(&mut chunk) {
-                    Ok(read) => {
+                let mut short = None;
+                let read = stream.try_io(Interest::READABLE, || {
+                    let read = read_socket(stream, &mut chunk)?;
+                    if read > 0 && read < READ_CHUNK {
+                        // A short read emptied the socket. Said as `WouldBlock`, the runtime
+                        // clears the readiness now; otherwise the next read would be a
+                        // syscall of its own only to find the socket empty (one per frame
+                        // from devices that send one frame at a time). Readiness that came
+                        // after this read is kept: the runtime clears only what it saw.
+                        short = Some(read);
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    Ok(read)
+                });
+                match (read, short) {
+                    (_, Some(read)) | (Ok(read), None) => {
                         buf.extend_from_slice(&chunk[..read]);
                         return Ok(read);
                     }
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(err) => return Err(err),
+                    (Err(err), None) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                    (Err(err), None) => return Err(err),
                 }
             },
             DeviceStream::Tls(stream) => {
