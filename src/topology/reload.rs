@@ -127,10 +127,22 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     for (name, (sender, _)) in &reopened {
         intakes.insert(name.clone(), sender.clone());
     }
-    let compiled = new.components.compile(&intakes, &shared.transforms);
+    let prepared = match topology
+        .transforms
+        .prepare(&new.components, &shared.transforms)
+    {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            stop_sinks(added_sinks).await;
+            return Err(err.to_string());
+        }
+    };
+    let compiled = new
+        .components
+        .compile(&intakes, &shared.transforms, &prepared.transforms());
     drop(intakes);
-    let mut routes = match compiled {
-        Ok(routes) => routes,
+    let (mut routes, nodes) = match compiled {
+        Ok(compiled) => (compiled.routes, compiled.nodes),
         Err(err) => {
             stop_sinks(added_sinks).await;
             return Err(err.to_string());
@@ -199,6 +211,10 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     // Their routes hold the intakes of removed and reopened sinks; once they are gone,
     // those sinks' writers see their last sender leave and finish without waiting.
     drop(retired);
+    // The old graph's tickers stop (so do their intakes); replaced transforms are freed.
+    let transforms_changed = transforms_changed(topology, &new);
+    topology.transforms.commit(prepared, &nodes).await;
+    drop(nodes);
     for (name, (sender, receiver)) in reopened {
         // The old writer drains its queue once its last sender (old routes) is gone.
         if let Some(old) = topology.sinks.remove(&name) {
@@ -232,7 +248,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     }
     stop_sinks(removed_sinks).await;
 
-    let changed = !plan.is_empty();
+    let changed = !plan.is_empty() || !transforms_changed.is_empty();
     topology.config = std::sync::Arc::new(new);
     build::attach_deadletters(&shared.api, &topology.sinks);
     topology.publish();
@@ -249,6 +265,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             .chain(keys("sinks", &plan.sinks_added))
             .collect(),
         changed: keys("sources", &plan.sources_changed)
+            .chain(keys("transforms", &transforms_changed))
             .chain(keys("sinks", &plan.sinks_restarted))
             .chain(keys("sinks", &plan.sinks_reopened))
             .collect(),
@@ -257,6 +274,25 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             .collect(),
         tls_reloaded,
     })
+}
+
+/// Transforms added, removed or changed by `new` (for the report).
+fn transforms_changed(topology: &Topology, new: &Config) -> Vec<String> {
+    let (old, new) = (&topology.config.components, &new.components);
+    let mut names: Vec<String> = new
+        .transforms
+        .iter()
+        .filter(|(name, config)| old.transforms.get(*name) != Some(config))
+        .map(|(name, _)| name.clone())
+        .chain(
+            old.transforms
+                .keys()
+                .filter(|name| !new.transforms.contains_key(*name))
+                .cloned(),
+        )
+        .collect();
+    names.sort();
+    names
 }
 
 fn keys<'a>(kind: &'a str, names: &'a [String]) -> impl Iterator<Item = String> + 'a {
