@@ -432,6 +432,16 @@ impl Metrics {
             .clone()
     }
 
+    /// Creates `fieldgate_transform_checkpoint_failures_total{transform}` at zero.
+    pub fn declare_transform_checkpoints(&self, transform: &str) {
+        drop(
+            self.transform_checkpoint_failures
+                .get_or_create(&TransformLabel {
+                    transform: transform.to_owned(),
+                }),
+        );
+    }
+
     /// `fieldgate_transform_checkpoint_failures_total{transform}`.
     pub fn transform_checkpoint_failed(&self, transform: &str) {
         self.transform_checkpoint_failures

@@ -58,6 +58,9 @@ impl Prepared {
     }
 }
 
+/// Digest of the last checkpoint written per transform, behind the one-writer lock.
+type Written = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
+
 /// What the periodic checkpoint task writes: each stateful transform, weakly.
 type CheckpointList = Arc<Mutex<Vec<(String, String, Weak<dyn EventTransform>)>>>;
 
@@ -69,8 +72,9 @@ pub struct TransformRuntime {
     tickers_stop: CancellationToken,
     tickers: TaskTracker,
     checkpointed: CheckpointList,
-    /// One writer at a time per file set: the periodic task and shutdown may overlap.
-    writing: Arc<Mutex<()>>,
+    /// One writer at a time (the periodic task and shutdown may overlap), and the digest
+    /// of each file last written, so an unchanged state is not rewritten (flash wear).
+    writing: Written,
 }
 
 impl TransformRuntime {
@@ -198,6 +202,8 @@ impl TransformRuntime {
         let mut list = Vec::new();
         for (name, instance) in &self.running {
             if instance.transform.checkpoint().is_some() {
+                // At zero from the start, like every other series.
+                self.metrics.declare_transform_checkpoints(name);
                 list.push((
                     name.clone(),
                     instance.fingerprint.clone(),
@@ -372,14 +378,24 @@ async fn write_checkpoint(
     name: String,
     fingerprint: String,
     state: Vec<u8>,
-    writing: Arc<Mutex<()>>,
+    writing: Written,
     metrics: Arc<Metrics>,
 ) {
     let path = directory.join(file_name(&name));
+    let key = name.clone();
     let written = tokio::task::spawn_blocking(move || {
-        let _one_writer = writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut last = writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut digest = sha2::Sha256::new();
+        digest.update(fingerprint.as_bytes());
+        digest.update(&state);
+        let digest = digest.finalize().to_vec();
+        if last.get(&key) == Some(&digest) && path.exists() {
+            return Ok(());
+        }
         write_atomically(&directory, &path, &fingerprint, &state)
-            .map_err(|err| format!("{}: {err}", path.display()))
+            .map_err(|err| format!("{}: {err}", path.display()))?;
+        last.insert(key, digest);
+        Ok(())
     })
     .await;
     let error = match written {

@@ -2,6 +2,7 @@
 //! instance leaked over 1,000 reloads, checkpoints on disk, and ticks delivered.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -222,4 +223,32 @@ fn hostile_names_stay_in_the_directory() {
             "{name}: {file}"
         );
     }
+}
+
+#[tokio::test]
+async fn an_unchanged_state_is_not_written_again() {
+    let mut harness = Harness::new();
+    harness.apply(&config(&threshold(80.0, ""))).await;
+    harness.send("a", 90.0).await;
+    let file = harness
+        ._dir
+        .path()
+        .join("transforms")
+        .join("overheat.state");
+    harness.runtime.checkpoint_all().await;
+    let modified = |file: &Path| {
+        std::fs::metadata(file)
+            .and_then(|meta| meta.modified())
+            .expect("written")
+    };
+    let first = modified(&file);
+    harness.runtime.checkpoint_all().await;
+    assert_eq!(modified(&file), first, "same state: no write");
+    harness.send("a", 10.0).await;
+    harness.runtime.checkpoint_all().await;
+    let text = std::fs::read_to_string(&file).expect("readable");
+    assert!(
+        text.contains("cleared"),
+        "a changed state is written: {text}"
+    );
 }
