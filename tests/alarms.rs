@@ -371,3 +371,48 @@ fn check_refuses_hostile_alarm_configs_with_the_key_path() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+/// A reload that changes the rule keeps its alarms by default and drops them with
+/// `state_on_change = "reset"`; the report names the transform.
+#[tokio::test]
+async fn reload_keeps_or_resets_the_state_as_configured() {
+    let layout = Layout::new();
+    let gateway = Gateway::start(&layout.render(CONTRACT)).await;
+    let api = gateway.api;
+    let mut device = Device::connect(layout.device_addr())
+        .await
+        .expect("connect");
+    send_temp(&mut device, "boiler-1", 1, 90.0).await;
+    wait_alarms(api, "?state=raised", 1).await;
+
+    let reload = |transform: String| {
+        gateway.rewrite_config(&layout.render(&transform));
+        async move {
+            let (status, report) =
+                api_request(api, "POST", "/api/v1/config/reload", Some(ADMIN), None).await;
+            assert_eq!(status, 200, "{report}");
+            report
+        }
+    };
+    let report = reload(CONTRACT.replace("above = 80.0", "above = 85.0")).await;
+    assert_eq!(report["result"], "applied", "{report}");
+    assert!(
+        report["changed"]
+            .as_array()
+            .is_some_and(|changed| changed.contains(&json!("transforms.overheat"))),
+        "{report}"
+    );
+    wait_alarms(api, "?state=raised", 1).await;
+    let report = reload(format!(
+        "{}\nstate_on_change = \"reset\"",
+        CONTRACT.replace("above = 80.0", "above = 86.0")
+    ))
+    .await;
+    assert_eq!(report["result"], "applied", "{report}");
+    wait_alarms(api, "", 0).await;
+    // The new rule judges the next reading on its own limits.
+    send_temp(&mut device, "boiler-1", 2, 85.5).await;
+    send_temp(&mut device, "boiler-1", 3, 87.0).await;
+    let raised = wait_alarms(api, "?state=raised", 1).await;
+    assert_eq!(raised[0]["threshold"], 86.0);
+}

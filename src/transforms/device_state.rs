@@ -248,3 +248,82 @@ mod tests {
         assert!(small.restore(b"garbage").is_err());
     }
 }
+
+#[cfg(test)]
+mod hostile {
+    //! Every stateful transform against hostile payloads: arbitrary bytes, deep and odd
+    //! JSON, huge and tiny numbers, for many devices. Nothing panics, every reading-judging
+    //! transform still passes what it cannot judge, and checkpoints stay restorable.
+
+    use proptest::prelude::*;
+
+    use crate::transforms::EventTransform;
+    use crate::transforms::alarm::AlarmConfig;
+    use crate::transforms::deadband::DeadbandConfig;
+    use crate::transforms::dedup::DedupConfig;
+    use crate::transforms::downsample::DownsampleConfig;
+    use crate::transforms::smooth::SmoothConfig;
+    use crate::transforms::tests::{build, reading, run};
+
+    fn transforms() -> Vec<std::sync::Arc<dyn EventTransform>> {
+        vec![
+            build::<AlarmConfig>(
+                "inputs = [\"d\"]\ndetector = \"threshold\"\nfield = \"temp\"\nabove = 1.0",
+            ),
+            build::<AlarmConfig>(
+                "inputs = [\"d\"]\ndetector = \"rate_of_change\"\nfield = \"temp\"\nabove = 1.0",
+            ),
+            build::<AlarmConfig>(
+                "inputs = [\"d\"]\ndetector = \"zscore\"\nfield = \"temp\"\nwarmup = 2",
+            ),
+            build::<AlarmConfig>(
+                "inputs = [\"d\"]\ndetector = \"stuck\"\nfield = \"temp\"\ncount = 2",
+            ),
+            build::<AlarmConfig>(
+                "inputs = [\"d\"]\ndetector = \"missing\"\nfield = \"temp\"\ninterval = \"1s\"",
+            ),
+            build::<DeadbandConfig>("inputs = [\"d\"]\nfields = { temp = { percent = 1.0 } }"),
+            build::<SmoothConfig>(
+                "inputs = [\"d\"]\nfield = \"temp\"\nmethod = \"median\"\nwindow = 4",
+            ),
+            build::<SmoothConfig>(
+                "inputs = [\"d\"]\nfield = \"temp\"\nmethod = \"ewma\"\nalpha = 1.0",
+            ),
+            build::<DownsampleConfig>("inputs = [\"d\"]\ninterval = \"1s\""),
+            build::<DedupConfig>("inputs = [\"d\"]\nwindow = \"1s\"\nfields = [\"temp\"]"),
+        ]
+    }
+
+    fn payload() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,64}",
+            prop::num::f64::ANY.prop_map(|value| format!("{{\"temp\":{value}}}")),
+            any::<i64>().prop_map(|value| format!("{{\"temp\":{value}}}")),
+            Just("{\"temp\":1e308}".to_owned()),
+            Just("{\"temp\":-1e308}".to_owned()),
+            Just("{\"temp\":5e-324}".to_owned()),
+            Just("{\"temp\":{\"temp\":[1,2,{}]}}".to_owned()),
+            Just(format!("{}{}", "[".repeat(200), "]".repeat(200))),
+            "[a-z]{0,8}".prop_map(|text| format!("{{\"temp\":\"{text}\"}}")),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn hostile_readings_never_panic(
+            readings in prop::collection::vec(("[a-c]", any::<u64>(), payload()), 1..40),
+        ) {
+            for transform in transforms() {
+                for (device, time, payload) in &readings {
+                    let event = reading(device, *time, payload);
+                    let out = run(&*transform, event.clone());
+                    prop_assert!(out.len() <= 2);
+                }
+                let mut emitted = crate::transforms::Emitted::default();
+                transform.tick(std::time::SystemTime::now(), &mut emitted);
+                let state = transform.checkpoint().unwrap_or_default();
+                prop_assert!(transform.restore(&state).is_ok());
+            }
+        }
+    }
+}

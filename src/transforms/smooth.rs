@@ -176,6 +176,8 @@ impl Smooth {
                 let next = readings
                     .ewma
                     .map_or(value, |last| last + alpha * (value - last));
+                // Readings near f64::MAX can overflow the difference: start over.
+                let next = if next.is_finite() { next } else { value };
                 readings.ewma = Some(next);
                 next
             }

@@ -119,6 +119,10 @@ impl Bands {
     /// The verdict for `value`, given whether the alarm is active and which side
     /// raised it.
     pub fn judge(&self, value: f64, active: Option<Side>) -> Option<Verdict> {
+        // A rate or z-score that overflowed judges nothing.
+        if !value.is_finite() {
+            return None;
+        }
         match active {
             None => {
                 if let Some((above, _)) = self.high.filter(|(above, _)| value > *above) {
@@ -281,6 +285,12 @@ fn zscore(
         let increment = alpha * diff;
         state.mean += increment;
         state.variance = (1.0 - alpha) * (state.variance + diff * increment);
+        if !(state.mean.is_finite() && state.variance.is_finite()) {
+            // Readings near f64::MAX overflowed the statistics: start over from this one.
+            state.mean = value;
+            state.variance = 0.0;
+            state.seen = 0;
+        }
     }
     state.seen = state.seen.saturating_add(1);
     verdict

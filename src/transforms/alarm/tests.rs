@@ -348,3 +348,21 @@ fn hostile_configs_are_refused_with_their_key() {
     ));
     assert!(error.contains("severity"), "{error}");
 }
+
+/// Found by the hostile-readings proptest: -1e308 then 0 overflowed the z-score's EWMA
+/// variance to infinity, which a JSON checkpoint cannot hold, so the restore failed.
+#[test]
+fn readings_near_f64_max_keep_the_state_checkpointable() {
+    let zscore = build_with(
+        "inputs = [\"d\"]\ndetector = \"zscore\"\nfield = \"temp\"\nwarmup = 1",
+        &services(),
+    );
+    for (time, temp) in [(0, "-1e308"), (1, "0"), (2, "1e308"), (3, "-1e308")] {
+        run(
+            &*zscore,
+            reading("b", time, &format!("{{\"temp\":{temp}}}")),
+        );
+    }
+    let state = zscore.checkpoint().expect("stateful");
+    zscore.restore(&state).expect("a finite state restores");
+}
