@@ -84,6 +84,15 @@ impl Harness {
             .await;
     }
 
+    /// `fieldgate_alarms_active` of the test rule.
+    fn active_gauge(&self) -> String {
+        let text = self.services.metrics.encode();
+        text.lines()
+            .find(|line| line.starts_with("fieldgate_alarms_active{transform=\"overheat\""))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
     fn active(&self) -> usize {
         self.services
             .alarms
@@ -115,6 +124,11 @@ async fn a_thousand_reloads_keep_the_state_and_leak_no_instance() {
     assert_eq!(harness.services.alarms.rules(), 1);
     assert_eq!(harness.runtime.running(), 1);
     assert_eq!(harness.active(), 1, "the alarm survived every reload");
+    assert!(
+        harness.active_gauge().ends_with("} 1"),
+        "{}",
+        harness.active_gauge()
+    );
     // Unchanged config: the same instance keeps running.
     let before = harness.apply(&configs[0]).await;
     let after = harness.apply(&configs[0]).await;
@@ -138,6 +152,11 @@ async fn reset_starts_empty_on_change_and_keep_is_the_default() {
         .apply(&config(&threshold(82.0, "state_on_change = \"reset\"")))
         .await;
     assert_eq!(harness.active(), 0);
+    assert!(
+        harness.active_gauge().ends_with("} 0"),
+        "{}",
+        harness.active_gauge()
+    );
 }
 
 #[tokio::test]

@@ -346,8 +346,8 @@ impl TransformSpec for AlarmConfig {
             raised: metrics.alarms_raised.get_or_create(&labels).clone(),
             cleared: metrics.alarms_cleared.get_or_create(&labels).clone(),
             active: metrics.alarms_active.get_or_create(&labels).clone(),
+            mine: std::sync::atomic::AtomicI64::new(0),
         });
-        rule.active.set(0);
         let weak: Weak<dyn AlarmRule> = Arc::downgrade(&rule) as Weak<AlarmTransform>;
         services.alarms.attach(name, weak);
         Ok(rule)
@@ -389,7 +389,11 @@ struct AlarmTransform {
     table: Mutex<DeviceTable<DeviceAlarm>>,
     raised: Counter,
     cleared: Counter,
+    /// `fieldgate_alarms_active`, shared by every instance of the rule across reloads:
+    /// each instance adds exactly its own active alarms (`mine`) and takes them back when
+    /// it is dropped, so a replaced or removed rule leaves the gauge right.
     active: Gauge,
+    mine: std::sync::atomic::AtomicI64,
 }
 
 impl AlarmTransform {
@@ -430,7 +434,7 @@ impl AlarmTransform {
             } => {
                 entry.side = Some(side);
                 self.raised.inc();
-                self.active.inc();
+                self.count_active(1);
                 AlarmRecord {
                     state: AlarmState::Raised,
                     value,
@@ -446,7 +450,7 @@ impl AlarmTransform {
                     return;
                 };
                 self.cleared.inc();
-                self.active.dec();
+                self.count_active(-1);
                 AlarmRecord {
                     state: AlarmState::Cleared,
                     value,
@@ -487,12 +491,29 @@ impl AlarmTransform {
         event
     }
 
+    /// Adds `change` active alarms to this instance's share of the gauge.
+    fn count_active(&self, change: i64) {
+        self.mine
+            .fetch_add(change, std::sync::atomic::Ordering::Relaxed);
+        self.active.inc_by(change);
+    }
+
+    /// Sets this instance's share to the active alarms in `table`.
     fn recount(&self, table: &DeviceTable<DeviceAlarm>) {
         let active = table
             .iter()
             .filter(|(_, entry)| entry.side.is_some())
             .count();
-        self.active.set(i64::try_from(active).unwrap_or(i64::MAX));
+        let active = i64::try_from(active).unwrap_or(i64::MAX);
+        let before = self.mine.swap(active, std::sync::atomic::Ordering::Relaxed);
+        self.active.inc_by(active - before);
+    }
+}
+
+impl Drop for AlarmTransform {
+    fn drop(&mut self) {
+        self.active
+            .dec_by(self.mine.load(std::sync::atomic::Ordering::Relaxed));
     }
 }
 
@@ -505,9 +526,9 @@ impl EventTransform for AlarmTransform {
             if let Some(value) = value {
                 let time_ms = reading_time_ms(&event);
                 let mut table = self.lock();
-                let mut evicted_active = false;
+                let mut evicted_active = 0;
                 let entry = table.entry(&event.device, DeviceAlarm::default, |gone| {
-                    evicted_active |= gone.side.is_some();
+                    evicted_active += i64::from(gone.side.is_some());
                 });
                 entry.last_heard_ms = entry.last_heard_ms.max(event.received_at_ms);
                 if let Some(verdict) =
@@ -516,8 +537,8 @@ impl EventTransform for AlarmTransform {
                 {
                     self.decide(&event.device, entry, verdict, time_ms, out);
                 }
-                if evicted_active {
-                    self.recount(&table);
+                if evicted_active > 0 {
+                    self.count_active(-evicted_active);
                 }
             }
         }
