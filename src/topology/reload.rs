@@ -1,5 +1,6 @@
 //! Live reload: applies a new config to the running topology, rebuilding only what
-//! changed, or leaves everything untouched and says why.
+//! changed, or leaves everything untouched and says why. Stateful transforms keep or
+//! reset their state as `state_on_change` says (see [`super::stateful`]).
 //!
 //! Order: the new config is loaded and checked; everything that can fail is prepared
 //! without touching the running pieces (TLS material read, new sinks opened, the routes
@@ -212,7 +213,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     // those sinks' writers see their last sender leave and finish without waiting.
     drop(retired);
     // The old graph's tickers stop (so do their intakes); replaced transforms are freed.
-    let transforms_changed = transforms_changed(topology, &new);
+    let transforms = TransformChanges::of(topology, &new);
     topology.transforms.commit(prepared, &nodes).await;
     drop(nodes);
     for (name, (sender, receiver)) in reopened {
@@ -248,7 +249,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     }
     stop_sinks(removed_sinks).await;
 
-    let changed = !plan.is_empty() || !transforms_changed.is_empty();
+    let changed = !plan.is_empty() || !transforms.is_empty();
     topology.config = std::sync::Arc::new(new);
     build::attach_deadletters(&shared.api, &topology.sinks);
     topology.publish();
@@ -262,37 +263,53 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
         result,
         hash: topology.config.hash.clone(),
         added: keys("sources", &plan.sources_added)
+            .chain(keys("transforms", &transforms.added))
             .chain(keys("sinks", &plan.sinks_added))
             .collect(),
         changed: keys("sources", &plan.sources_changed)
-            .chain(keys("transforms", &transforms_changed))
+            .chain(keys("transforms", &transforms.changed))
             .chain(keys("sinks", &plan.sinks_restarted))
             .chain(keys("sinks", &plan.sinks_reopened))
             .collect(),
         removed: keys("sources", &plan.sources_removed)
+            .chain(keys("transforms", &transforms.removed))
             .chain(keys("sinks", &plan.sinks_removed))
             .collect(),
         tls_reloaded,
     })
 }
 
-/// Transforms added, removed or changed by `new` (for the report).
-fn transforms_changed(topology: &Topology, new: &Config) -> Vec<String> {
-    let (old, new) = (&topology.config.components, &new.components);
-    let mut names: Vec<String> = new
-        .transforms
-        .iter()
-        .filter(|(name, config)| old.transforms.get(*name) != Some(config))
-        .map(|(name, _)| name.clone())
-        .chain(
-            old.transforms
-                .keys()
-                .filter(|name| !new.transforms.contains_key(*name))
-                .cloned(),
-        )
-        .collect();
-    names.sort();
-    names
+/// Transforms added, changed and removed by `new` (for the report).
+#[derive(Default)]
+struct TransformChanges {
+    added: Vec<String>,
+    changed: Vec<String>,
+    removed: Vec<String>,
+}
+
+impl TransformChanges {
+    fn of(topology: &Topology, new: &Config) -> Self {
+        let (old, new) = (&topology.config.components, &new.components);
+        let mut changes = TransformChanges::default();
+        for (name, config) in &new.transforms {
+            match old.transforms.get(name) {
+                None => changes.added.push(name.clone()),
+                Some(running) if running != config => changes.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .transforms
+            .keys()
+            .filter(|name| !new.transforms.contains_key(*name))
+            .cloned()
+            .collect();
+        changes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
 }
 
 fn keys<'a>(kind: &'a str, names: &'a [String]) -> impl Iterator<Item = String> + 'a {
