@@ -416,3 +416,40 @@ async fn reload_keeps_or_resets_the_state_as_configured() {
     let raised = wait_alarms(api, "?state=raised", 1).await;
     assert_eq!(raised[0]["threshold"], 86.0);
 }
+
+/// `detector = "missing"` runs on the transform's ticker inside the gateway: a device
+/// that goes quiet is raised without any event arriving, and its next reading clears it;
+/// the alarm events reach the sink.
+#[tokio::test]
+async fn a_quiet_device_raises_a_missing_data_alarm() {
+    let layout = Layout::new();
+    let rule = r#"[transforms.overheat]
+type = "alarm"
+inputs = ["devices"]
+detector = "missing"
+field = "temp"
+interval = "500ms"
+count = 2
+severity = "critical""#;
+    let gateway = Gateway::start(&layout.render(rule)).await;
+    let output = gateway.data_dir.join("sinks").join("out");
+    let mut device = Device::connect(layout.device_addr())
+        .await
+        .expect("connect");
+    send_temp(&mut device, "meter-1", 1, 20.0).await;
+    let raised = wait_alarms(gateway.api, "?state=raised", 1).await;
+    assert_eq!(raised[0]["detector"], "missing");
+    assert_eq!(raised[0]["severity"], "critical");
+    assert_eq!(raised[0]["threshold"], 1.0);
+    send_temp(&mut device, "meter-1", 2, 20.5).await;
+    wait_alarms(gateway.api, "?state=cleared", 1).await;
+    let events = eventually(WAIT, || {
+        let events = alarm_events(&output);
+        (events.len() >= 2).then_some(events)
+    })
+    .await
+    .expect("raise and clear reach the sink");
+    assert_eq!(events[0]["state"], "raised");
+    assert_eq!(events[0]["value"], Value::Null);
+    assert_eq!(events[1]["state"], "cleared");
+}
