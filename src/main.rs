@@ -4,6 +4,7 @@
 
 mod api;
 mod buffer;
+mod cli_alarms;
 mod cli_deadletter;
 mod cli_devices;
 mod clock;
@@ -80,6 +81,8 @@ enum Command {
     Devices(cli_devices::DevicesArgs),
     /// Inspect, replay or purge the events a sink's upstream refused for good.
     Deadletter(cli_deadletter::DeadLetterArgs),
+    /// List and acknowledge the alarms of a running gateway (needs `api.admin_token`).
+    Alarms(cli_alarms::AlarmArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +106,7 @@ fn main() -> ExitCode {
         },
         Command::Devices(args) => cli_devices::run(args),
         Command::Deadletter(args) => cli_deadletter::run(args),
+        Command::Alarms(args) => cli_alarms::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

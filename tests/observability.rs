@@ -23,7 +23,9 @@ fn config() -> String {
             "[transforms.keep]\ntype = \"filter\"\ninputs = [\"devices\"]\n\
              condition = { kind = \"telemetry\" }\n\n\
              [transforms.shape]\ntype = \"remap\"\ninputs = [\"keep\"]\nset = { site = \"a\" }\n\n\
-             [sinks.archive]\ntype = \"file\"\ninputs = [\"devices\", \"shape\"]",
+             [transforms.hot]\ntype = \"alarm\"\ninputs = [\"shape\"]\ndetector = \"threshold\"\n\
+             field = \"temp\"\nabove = 80.0\n\n\
+             [sinks.archive]\ntype = \"file\"\ninputs = [\"devices\", \"hot\"]",
         )
         .render()
 }

@@ -1,7 +1,7 @@
 //! The HTTP API: `/metrics` (Prometheus), `/healthz` (alive), `/readyz` (listeners bound
 //! and buffers open), and the admin-only `/debug/pprof/*` routes of
 //! [`crate::telemetry::profiling::http`], the running config and its reload
-//! ([`config`]), dead letters ([`deadletter`]); with `[registry]`, the device registry's
+//! ([`config`]), dead letters ([`deadletter`]), alarms ([`alarms`]); with `[registry]`, the device registry's
 //! `/api/v1` routes of [`v1`].
 //!
 //! Invariants: a client gets `header_timeout` to send a request's headers (also while a
@@ -12,6 +12,7 @@
 //! `fieldgate_refused_connections_total{source="api",reason}`.
 
 pub mod admin;
+pub mod alarms;
 pub mod commands;
 pub mod config;
 pub mod deadletter;
@@ -62,6 +63,8 @@ pub struct ApiState {
     pub v1: Option<Arc<v1::V1State>>,
     /// `/api/v1/deadletter/{sink}`.
     pub deadletter: Arc<deadletter::DeadLetterApi>,
+    /// `/api/v1/alarms`.
+    pub alarms: Arc<alarms::AlarmApi>,
     /// `/api/v1/config` and its reload.
     pub config: Arc<config::ConfigApi>,
 }
@@ -87,6 +90,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .with_state(Arc::clone(&state))
         .merge(v1_routes)
         .merge(deadletter::router(Arc::clone(&state.deadletter)))
+        .merge(alarms::router(Arc::clone(&state.alarms)))
         .merge(config::router(Arc::clone(&state.config)))
 }
 

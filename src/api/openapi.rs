@@ -11,12 +11,14 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::admin::JwtKeyRotated;
+use super::alarms::AlarmList;
 use super::devices::DeviceStatusView;
 use super::ingest::{Accepted, TelemetryBody};
 use super::problem::Problem;
 use super::provisioning::CreatedProvisioningToken;
 use super::registration::RefreshRequest;
-use super::{admin, commands, devices, ingest, provisioning, registration};
+use super::{admin, alarms, commands, devices, ingest, provisioning, registration};
+use crate::transforms::alarm::{Alarm, AlarmState};
 
 /// The document; `ApiDoc::openapi()` builds it.
 #[derive(OpenApi)]
@@ -34,12 +36,13 @@ use super::{admin, commands, devices, ingest, provisioning, registration};
         registration::challenge, registration::register, registration::refresh,
         ingest::telemetry,
         admin::rotate_jwt_key,
+        alarms::list, alarms::acknowledge,
     ),
     components(schemas(
         Problem, Device, DevicePage, DevicePatch, DeviceStatus, DeviceStatusView, NewDevice,
         Provisioned, Tokens, NewProvisioningToken, ProvisioningToken, CreatedProvisioningToken,
         Challenge, Registration, RefreshRequest, NewCommand, Command, CommandState, Accepted,
-        TelemetryBody, JwtKeyRotated,
+        TelemetryBody, JwtKeyRotated, Alarm, AlarmState, AlarmList,
     )),
     modifiers(&SecuritySchemes),
     tags(
@@ -48,6 +51,7 @@ use super::{admin, commands, devices, ingest, provisioning, registration};
         (name = "provisioning", description = "Provisioning tokens (admin)"),
         (name = "registration", description = "Device self-registration and token refresh (public)"),
         (name = "ingestion", description = "Telemetry over HTTP (device JWT)"),
+        (name = "alarms", description = "Alarms of the alarm transforms (admin)"),
     ),
 )]
 pub struct ApiDoc;

@@ -30,6 +30,7 @@ const START_MS: u64 = 1_767_225_600_000;
 struct Harness {
     app: Router,
     v1: Arc<V1State>,
+    alarms: Arc<crate::transforms::alarm::AlarmBoard>,
     clock: Arc<ManualClock>,
     metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
@@ -76,6 +77,7 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
         Arc::clone(&metrics),
         throttle,
     ));
+    let alarms = Arc::new(crate::transforms::alarm::AlarmBoard::default());
     let state = Arc::new(ApiState {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(true),
@@ -87,6 +89,10 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
         deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(Arc::clone(
             &admin,
         ))),
+        alarms: Arc::new(crate::api::alarms::AlarmApi::new(
+            Arc::clone(&admin),
+            Arc::clone(&alarms),
+        )),
         config: Arc::new(crate::api::config::ConfigApi::new(
             admin,
             tokio::sync::mpsc::channel(1).0,
@@ -95,6 +101,7 @@ fn harness_with(admin_token: Option<&str>, throttle: ThrottleConfig) -> Harness 
     Harness {
         app: router(state),
         v1,
+        alarms,
         clock,
         metrics,
         _dir: dir,
@@ -1046,6 +1053,10 @@ async fn routes_are_absent_without_a_registry() {
         deadletter: Arc::new(crate::api::deadletter::DeadLetterApi::new(Arc::new(
             super::admin::AdminAuth::new(None, &metrics),
         ))),
+        alarms: Arc::new(crate::api::alarms::AlarmApi::new(
+            Arc::new(super::admin::AdminAuth::new(None, &metrics)),
+            Arc::default(),
+        )),
         config: Arc::new(crate::api::config::ConfigApi::new(
             Arc::new(super::admin::AdminAuth::new(None, &metrics)),
             tokio::sync::mpsc::channel(1).0,
@@ -1060,4 +1071,80 @@ async fn routes_are_absent_without_a_registry() {
         .await
         .unwrap_or_else(|never| match never {});
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn alarms_are_listed_filtered_and_acknowledged() {
+    use crate::transforms::alarm::AlarmConfig;
+    use crate::transforms::{Emitted, TransformServices, TransformSpec};
+    let harness = harness();
+    let services = TransformServices {
+        registry: None,
+        metrics: Arc::clone(&harness.metrics),
+        alarms: Arc::clone(&harness.alarms),
+    };
+    let text = "inputs = [\"d\"]\ndetector = \"threshold\"\nfield = \"temp\"\nabove = 80.0";
+    let config: AlarmConfig = toml::from_str(text).unwrap_or_else(|err| panic!("{err}"));
+    let rule = config
+        .build("overheat", &services)
+        .unwrap_or_else(|err| panic!("{err}"));
+    for (device, temp) in [("dev/1", 90), ("dev-2", 20), ("dev-3", 85)] {
+        let event = crate::transforms::tests::reading(device, 1, &format!("{{\"temp\":{temp}}}"));
+        rule.apply(event, &mut Emitted::default());
+    }
+    let reply = harness.public(Method::GET, "/api/v1/alarms", None).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    let reply = harness
+        .admin(Method::GET, "/api/v1/alarms?state=active", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["total"], 2);
+    assert_eq!(reply.body["alarms"][0]["device"], "dev-3");
+    assert_eq!(reply.body["alarms"][0]["state"], "raised");
+    let reply = harness
+        .admin(Method::GET, "/api/v1/alarms?state=bogus", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    assert!(reply.is_problem());
+    let reply = harness
+        .admin(Method::GET, "/api/v1/alarms?limit=0", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::BAD_REQUEST);
+    // A device id with a slash travels percent-encoded.
+    let reply = harness
+        .admin(Method::POST, "/api/v1/alarms/overheat/dev%2F1/ack", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(reply.body["state"], "acknowledged");
+    let reply = harness
+        .admin(
+            Method::GET,
+            "/api/v1/alarms?state=acknowledged&device=dev%2F1",
+            None,
+        )
+        .await;
+    assert_eq!(reply.body["total"], 1);
+    let reply = harness
+        .admin(Method::POST, "/api/v1/alarms/overheat/dev-2/ack", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert!(reply.is_problem());
+    let reply = harness
+        .admin(Method::POST, "/api/v1/alarms/nope/dev-3/ack", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    rule.apply(
+        crate::transforms::tests::reading("dev-3", 2, "{\"temp\":10}"),
+        &mut Emitted::default(),
+    );
+    let reply = harness
+        .admin(Method::POST, "/api/v1/alarms/overheat/dev-3/ack", None)
+        .await;
+    assert_eq!(reply.status, StatusCode::CONFLICT);
+    assert_eq!(reply.code(), "conflict");
+    let reply = harness
+        .admin(Method::GET, "/api/v1/openapi.json", None)
+        .await;
+    assert!(reply.body["paths"]["/api/v1/alarms"]["get"].is_object());
+    assert!(reply.body["paths"]["/api/v1/alarms/{rule}/{device}/ack"]["post"].is_object());
 }

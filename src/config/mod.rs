@@ -85,6 +85,22 @@ impl ComponentTable<'_> {
         deserialize(self.table, context, &self.path)
     }
 
+    /// Takes `key` out of the table (a key every component of a kind shares, read before
+    /// the table is typed), deserialized; `None` when absent.
+    pub fn take<T: serde::de::DeserializeOwned>(
+        &mut self,
+        key: &str,
+        context: &Context<'_>,
+    ) -> Result<Option<T>, ConfigError> {
+        let DeValue::Table(table) = self.table.get_mut() else {
+            return Ok(None);
+        };
+        match table.remove(key) {
+            Some(value) => deserialize(value, context, &format!("{}.{key}", self.path)).map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// The error for a `type` nobody knows; `known` lists the valid ones.
     pub fn unknown_type(&self, context: &Context<'_>, kind: &str, known: &[&str]) -> ConfigError {
         let known: Vec<String> = known.iter().map(|name| format!("{name:?}")).collect();
@@ -313,6 +329,15 @@ impl Settings {
         }
         if self.gateway.shutdown_grace.0.is_zero() {
             return Err(context.key_error("gateway.shutdown_grace", "must be above 0"));
+        }
+        let checkpoint = self.gateway.checkpoint_interval.0;
+        if checkpoint < std::time::Duration::from_millis(100)
+            || checkpoint > std::time::Duration::from_secs(3600)
+        {
+            return Err(context.key_error(
+                "gateway.checkpoint_interval",
+                "must be between 100ms and 1h",
+            ));
         }
         if self.gateway.partial_frame_budget.0 < 64 * 1024 {
             return Err(context.key_error(

@@ -27,6 +27,14 @@ pub struct GatewayConfig {
     /// whose partial frame would exceed it is closed.
     #[serde(default = "default_partial_frame_budget")]
     pub partial_frame_budget: ByteSize,
+    /// How often stateful transforms (alarms, smoothing, ...) write their state to
+    /// `<data_dir>/transforms/NAME.state`; also written at a graceful shutdown.
+    #[serde(default = "default_checkpoint_interval")]
+    pub checkpoint_interval: HumanDuration,
+}
+
+fn default_checkpoint_interval() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 fn default_partial_frame_budget() -> ByteSize {

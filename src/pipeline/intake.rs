@@ -66,6 +66,18 @@ impl Intake {
 }
 
 impl Intake {
+    /// Queues `item` in its lane, waiting while the lane is full; gives it back if the
+    /// writer is gone.
+    pub async fn deliver(&self, item: Item) -> Result<(), Item> {
+        let lane = match item.event.priority {
+            Priority::High => &self.high,
+            Priority::Normal => &self.normal,
+        };
+        lane.send(item)
+            .await
+            .map_err(|mpsc::error::SendError(item)| item)
+    }
+
     /// Queues `item` if its lane has room; gives it back when the lane is full or closed.
     pub fn try_send(&self, item: Item) -> Result<(), Item> {
         let lane = match item.event.priority {

@@ -12,4 +12,4 @@ mod router;
 
 pub use ack::{AckOutcome, AckToken, AckWaiter};
 pub use intake::{Intake, IntakeReceiver, Item, WeakIntake, intake};
-pub use router::{SourceOutput, Target, TransformNode};
+pub use router::{SourceOutput, Target, TransformNode, deliver_emitted};

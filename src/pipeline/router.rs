@@ -142,6 +142,25 @@ impl SourceOutput {
     }
 }
 
+/// Delivers what `node`'s transform emitted by itself (on a tick) to that node's outputs,
+/// waiting while a target intake is full (no ack: nobody waits for these events).
+/// Returns how many copies could not be delivered because their sink had stopped.
+pub async fn deliver_emitted(node: &TransformNode, emitted: Emitted) -> usize {
+    let mut deliveries = Vec::new();
+    for (port, event) in emitted.into_events() {
+        if let Some(targets) = node.outputs.get(port) {
+            route(targets, event, &mut deliveries);
+        }
+    }
+    let mut lost = 0;
+    for (intake, event) in deliveries {
+        if intake.deliver(Item { event, ack: None }).await.is_err() {
+            lost += 1;
+        }
+    }
+    lost
+}
+
 /// Takes `event` through `targets`, collecting one delivery per sink intake reached.
 fn route(targets: &[Target], event: Event, deliveries: &mut Vec<(Intake, Event)>) {
     let Some((last, rest)) = targets.split_last() else {

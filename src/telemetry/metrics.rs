@@ -72,6 +72,15 @@ pub struct TransformErrorLabels {
     pub reason: String,
 }
 
+/// `{transform, severity}` of the alarm series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlarmLabels {
+    /// Transform (rule) name from the config.
+    pub transform: String,
+    /// A closed set: `critical`, `major`, `minor`, `warning`, `info`.
+    pub severity: String,
+}
+
 /// `{result}` of a config reload: `applied`, `unchanged` or `failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabel {
@@ -158,6 +167,19 @@ pub struct Metrics {
     pub filtered_events: Family<TransformLabel, Counter>,
     /// `fieldgate_transform_errors_total{transform,reason}`.
     pub transform_errors: Family<TransformErrorLabels, Counter>,
+    /// `fieldgate_alarms_raised_total{transform,severity}`.
+    pub alarms_raised: Family<AlarmLabels, Counter>,
+    /// `fieldgate_alarms_cleared_total{transform,severity}`.
+    pub alarms_cleared: Family<AlarmLabels, Counter>,
+    /// `fieldgate_alarms_active{transform,severity}`: raised or acknowledged, not cleared.
+    pub alarms_active: Family<AlarmLabels, Gauge>,
+    /// `fieldgate_transform_state_devices{transform}`: devices a stateful transform tracks.
+    pub transform_state_devices: Family<TransformLabel, Gauge>,
+    /// `fieldgate_transform_evicted_devices_total{transform}`: devices dropped from a full
+    /// per-device table (least recently seen first).
+    pub transform_evicted_devices: Family<TransformLabel, Counter>,
+    /// `fieldgate_transform_checkpoint_failures_total{transform}`.
+    pub transform_checkpoint_failures: Family<TransformLabel, Counter>,
     /// `fieldgate_config_reloads_total{result}`.
     pub config_reloads: Family<ReloadLabel, Counter>,
     /// `fieldgate_config_hash{hash}`: 1 for the running config.
@@ -196,6 +218,12 @@ impl Metrics {
             refused_connections: Family::default(),
             filtered_events: Family::default(),
             transform_errors: Family::default(),
+            alarms_raised: Family::default(),
+            alarms_cleared: Family::default(),
+            alarms_active: Family::default(),
+            transform_state_devices: Family::default(),
+            transform_evicted_devices: Family::default(),
+            transform_checkpoint_failures: Family::default(),
             config_reloads: Family::default(),
             config_hash: Family::default(),
             detached_buffer_bytes: Family::default(),
@@ -294,6 +322,36 @@ impl Metrics {
             metrics.transform_errors.clone(),
         );
         registry.register(
+            "fieldgate_alarms_raised",
+            "Alarms raised, by rule (transform) and severity",
+            metrics.alarms_raised.clone(),
+        );
+        registry.register(
+            "fieldgate_alarms_cleared",
+            "Alarms cleared, by rule (transform) and severity",
+            metrics.alarms_cleared.clone(),
+        );
+        registry.register(
+            "fieldgate_alarms_active",
+            "Alarms raised or acknowledged and not yet cleared, by rule (transform) and severity",
+            metrics.alarms_active.clone(),
+        );
+        registry.register(
+            "fieldgate_transform_state_devices",
+            "Devices a stateful transform keeps state for",
+            metrics.transform_state_devices.clone(),
+        );
+        registry.register(
+            "fieldgate_transform_evicted_devices",
+            "Devices dropped from a stateful transform's full table, least recently seen first",
+            metrics.transform_evicted_devices.clone(),
+        );
+        registry.register(
+            "fieldgate_transform_checkpoint_failures",
+            "Checkpoints of a stateful transform's state that could not be written",
+            metrics.transform_checkpoint_failures.clone(),
+        );
+        registry.register(
             "fieldgate_config_reloads",
             "Config reloads by result: applied, unchanged, failed",
             metrics.config_reloads.clone(),
@@ -346,6 +404,51 @@ impl Metrics {
                 transform: transform.to_owned(),
             })
             .clone()
+    }
+
+    /// The alarm series' labels of rule `transform` with `severity`.
+    pub fn alarm(transform: &str, severity: &str) -> AlarmLabels {
+        AlarmLabels {
+            transform: transform.to_owned(),
+            severity: severity.to_owned(),
+        }
+    }
+
+    /// `fieldgate_transform_state_devices{transform}`.
+    pub fn transform_state_devices(&self, transform: &str) -> Gauge {
+        self.transform_state_devices
+            .get_or_create(&TransformLabel {
+                transform: transform.to_owned(),
+            })
+            .clone()
+    }
+
+    /// `fieldgate_transform_evicted_devices_total{transform}`.
+    pub fn transform_evicted_devices(&self, transform: &str) -> Counter {
+        self.transform_evicted_devices
+            .get_or_create(&TransformLabel {
+                transform: transform.to_owned(),
+            })
+            .clone()
+    }
+
+    /// Creates `fieldgate_transform_checkpoint_failures_total{transform}` at zero.
+    pub fn declare_transform_checkpoints(&self, transform: &str) {
+        drop(
+            self.transform_checkpoint_failures
+                .get_or_create(&TransformLabel {
+                    transform: transform.to_owned(),
+                }),
+        );
+    }
+
+    /// `fieldgate_transform_checkpoint_failures_total{transform}`.
+    pub fn transform_checkpoint_failed(&self, transform: &str) {
+        self.transform_checkpoint_failures
+            .get_or_create(&TransformLabel {
+                transform: transform.to_owned(),
+            })
+            .inc();
     }
 
     /// The counter of events `transform` could not apply to, for `reason`.

@@ -18,7 +18,7 @@ use crate::sinks::SinkConfig;
 use crate::sources::SourceConfig;
 use crate::sources::commands::{COMMANDS_SOURCE, CommandsSourceConfig};
 use crate::sources::http::HttpSourceConfig;
-use crate::transforms::{TransformConfig, TransformServices};
+use crate::transforms::{EventTransform, StateOnChange, TransformConfig, TransformServices};
 
 /// The whole running config: gateway-wide settings plus the component graph.
 pub type Config = config::Config<Components>;
@@ -32,6 +32,16 @@ pub struct Components {
     pub transforms: BTreeMap<String, TransformConfig>,
     /// `[sinks.*]`.
     pub sinks: BTreeMap<String, SinkConfig>,
+    /// `state_on_change` of the transforms that set it.
+    pub state_on_change: BTreeMap<String, StateOnChange>,
+}
+
+/// The compiled graph: each source's routing tree and the transform nodes in it.
+pub struct Compiled {
+    /// Targets of every source, by name.
+    pub routes: BTreeMap<String, Vec<Target>>,
+    /// Every transform node reachable from a source, by name.
+    pub nodes: BTreeMap<String, Arc<TransformNode>>,
 }
 
 /// A node an input can name.
@@ -56,8 +66,12 @@ impl config::Components for Components {
             sources.insert(name, SourceConfig::parse(table, context)?);
         }
         let mut transforms = BTreeMap::new();
-        for table in tables.transforms {
+        let mut state_on_change = BTreeMap::new();
+        for mut table in tables.transforms {
             let name = table.name.clone();
+            if let Some(policy) = table.take::<StateOnChange>("state_on_change", context)? {
+                state_on_change.insert(name.clone(), policy);
+            }
             transforms.insert(name, TransformConfig::parse(table, context)?);
         }
         let mut sinks = BTreeMap::new();
@@ -69,6 +83,7 @@ impl config::Components for Components {
             sources,
             transforms,
             sinks,
+            state_on_change,
         };
         components.add_built_ins(settings, context)?;
         components.check(settings, listeners, context)?;
@@ -343,17 +358,25 @@ impl Components {
         sources
     }
 
+    /// What transform `name` does with its state when its config changes.
+    pub fn state_on_change(&self, name: &str) -> StateOnChange {
+        self.state_on_change.get(name).copied().unwrap_or_default()
+    }
+
     /// Compiles the routing tree of every source: `intakes` are the sinks' intakes,
-    /// `services` what transforms consult. Transforms are built once and shared.
+    /// `instances` the running transforms to use (the others are built from `services`).
+    /// Each transform is in the graph once, shared by every path through it.
     pub fn compile(
         &self,
         intakes: &BTreeMap<String, Intake>,
         services: &TransformServices,
-    ) -> Result<BTreeMap<String, Vec<Target>>, ConfigError> {
+        instances: &BTreeMap<String, Arc<dyn EventTransform>>,
+    ) -> Result<Compiled, ConfigError> {
         let mut compiler = Compiler {
             components: self,
             intakes,
             services,
+            instances,
             built: BTreeMap::new(),
         };
         let mut routes = BTreeMap::new();
@@ -365,7 +388,10 @@ impl Components {
             }
             routes.insert(name.clone(), targets);
         }
-        Ok(routes)
+        Ok(Compiled {
+            routes,
+            nodes: compiler.built,
+        })
     }
 }
 
@@ -388,6 +414,7 @@ struct Compiler<'a> {
     components: &'a Components,
     intakes: &'a BTreeMap<String, Intake>,
     services: &'a TransformServices,
+    instances: &'a BTreeMap<String, Arc<dyn EventTransform>>,
     built: BTreeMap<String, Arc<TransformNode>>,
 }
 
@@ -430,7 +457,10 @@ impl Compiler<'_> {
             r#type = config.type_name(),
             "transform built"
         );
-        let transform = config.spec().build(name, self.services)?;
+        let transform = match self.instances.get(name) {
+            Some(instance) => Arc::clone(instance),
+            None => config.spec().build(name, self.services)?,
+        };
         let mut outputs = Vec::new();
         for port in config.spec().outputs() {
             outputs.push(self.targets_of(name, Some(&port))?);

@@ -12,6 +12,7 @@ mod config_tests;
 mod graph;
 mod reload;
 mod shutdown;
+mod stateful;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use self::build::{PendingSource, Shared, SinkHandle, SourceHandle};
 pub use self::graph::{Components, Config};
 use self::shutdown::TaskGroup;
+use self::stateful::TransformRuntime;
 use crate::api::config::{ConfigApi, ConfigView};
 use crate::api::v1::V1State;
 use crate::api::{self, ApiState};
@@ -60,6 +62,8 @@ pub struct Topology {
     pub sources: BTreeMap<String, SourceHandle>,
     /// Running sinks, by name.
     pub sinks: BTreeMap<String, SinkHandle>,
+    /// Running transforms: their instances, tickers and checkpoints.
+    pub transforms: TransformRuntime,
 }
 
 impl Topology {
@@ -70,9 +74,15 @@ impl Topology {
             sinks.insert(name.clone(), SinkHandle::start(name, sink, &shared)?);
         }
         build::attach_deadletters(&shared.api, &sinks);
-        let mut routes = config
-            .components
-            .compile(&build::intakes(&sinks), &shared.transforms)?;
+        let mut transforms = TransformRuntime::new(&shared.data_dir, Arc::clone(&shared.metrics));
+        let prepared = transforms.prepare(&config.components, &shared.transforms)?;
+        let compiled = config.components.compile(
+            &build::intakes(&sinks),
+            &shared.transforms,
+            &prepared.transforms(),
+        )?;
+        transforms.commit(prepared, &compiled.nodes).await;
+        let mut routes = compiled.routes;
         let mut sources = BTreeMap::new();
         for (name, source) in &config.components.sources {
             let pending = PendingSource::bind(name, source, &shared).await?;
@@ -87,6 +97,7 @@ impl Topology {
             shared,
             sources,
             sinks,
+            transforms,
         };
         topology.publish();
         Ok(topology)
@@ -168,6 +179,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         ))
     });
     let (reload_requests, mut reload_inbox) = mpsc::channel(4);
+    let alarms = Arc::new(crate::transforms::alarm::AlarmBoard::default());
     let api_state = Arc::new(ApiState {
         metrics: Arc::clone(&metrics),
         ready: false.into(),
@@ -177,6 +189,10 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }),
         v1: v1_state.clone(),
         deadletter: Arc::new(api::deadletter::DeadLetterApi::new(Arc::clone(&admin))),
+        alarms: Arc::new(api::alarms::AlarmApi::new(
+            Arc::clone(&admin),
+            Arc::clone(&alarms),
+        )),
         config: Arc::new(ConfigApi::new(Arc::clone(&admin), reload_requests)),
     });
 
@@ -233,10 +249,17 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         transforms: TransformServices {
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
+            alarms,
         },
     });
     let grace = settings.gateway.shutdown_grace.0;
+    let checkpoint_interval = settings.gateway.checkpoint_interval.0;
     let mut topology = Topology::start(Arc::new(config), shared).await?;
+    observers.spawn(
+        topology
+            .transforms
+            .checkpoint_task(checkpoint_interval, observers.token()),
+    );
 
     let mut file_changes = match (&options.config_path, options.watch) {
         (Some(path), true) => Some(reload::watch(path.clone(), observers.clone())),

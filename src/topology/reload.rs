@@ -1,5 +1,6 @@
 //! Live reload: applies a new config to the running topology, rebuilding only what
-//! changed, or leaves everything untouched and says why.
+//! changed, or leaves everything untouched and says why. Stateful transforms keep or
+//! reset their state as `state_on_change` says (see [`super::stateful`]).
 //!
 //! Order: the new config is loaded and checked; everything that can fail is prepared
 //! without touching the running pieces (TLS material read, new sinks opened, the routes
@@ -127,10 +128,22 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     for (name, (sender, _)) in &reopened {
         intakes.insert(name.clone(), sender.clone());
     }
-    let compiled = new.components.compile(&intakes, &shared.transforms);
+    let prepared = match topology
+        .transforms
+        .prepare(&new.components, &shared.transforms)
+    {
+        Ok(prepared) => prepared,
+        Err(err) => {
+            stop_sinks(added_sinks).await;
+            return Err(err.to_string());
+        }
+    };
+    let compiled = new
+        .components
+        .compile(&intakes, &shared.transforms, &prepared.transforms());
     drop(intakes);
-    let mut routes = match compiled {
-        Ok(routes) => routes,
+    let (mut routes, nodes) = match compiled {
+        Ok(compiled) => (compiled.routes, compiled.nodes),
         Err(err) => {
             stop_sinks(added_sinks).await;
             return Err(err.to_string());
@@ -199,6 +212,10 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     // Their routes hold the intakes of removed and reopened sinks; once they are gone,
     // those sinks' writers see their last sender leave and finish without waiting.
     drop(retired);
+    // The old graph's tickers stop (so do their intakes); replaced transforms are freed.
+    let transforms = TransformChanges::of(topology, &new);
+    topology.transforms.commit(prepared, &nodes).await;
+    drop(nodes);
     for (name, (sender, receiver)) in reopened {
         // The old writer drains its queue once its last sender (old routes) is gone.
         if let Some(old) = topology.sinks.remove(&name) {
@@ -232,7 +249,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     }
     stop_sinks(removed_sinks).await;
 
-    let changed = !plan.is_empty();
+    let changed = !plan.is_empty() || !transforms.is_empty();
     topology.config = std::sync::Arc::new(new);
     build::attach_deadletters(&shared.api, &topology.sinks);
     topology.publish();
@@ -246,17 +263,53 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
         result,
         hash: topology.config.hash.clone(),
         added: keys("sources", &plan.sources_added)
+            .chain(keys("transforms", &transforms.added))
             .chain(keys("sinks", &plan.sinks_added))
             .collect(),
         changed: keys("sources", &plan.sources_changed)
+            .chain(keys("transforms", &transforms.changed))
             .chain(keys("sinks", &plan.sinks_restarted))
             .chain(keys("sinks", &plan.sinks_reopened))
             .collect(),
         removed: keys("sources", &plan.sources_removed)
+            .chain(keys("transforms", &transforms.removed))
             .chain(keys("sinks", &plan.sinks_removed))
             .collect(),
         tls_reloaded,
     })
+}
+
+/// Transforms added, changed and removed by `new` (for the report).
+#[derive(Default)]
+struct TransformChanges {
+    added: Vec<String>,
+    changed: Vec<String>,
+    removed: Vec<String>,
+}
+
+impl TransformChanges {
+    fn of(topology: &Topology, new: &Config) -> Self {
+        let (old, new) = (&topology.config.components, &new.components);
+        let mut changes = TransformChanges::default();
+        for (name, config) in &new.transforms {
+            match old.transforms.get(name) {
+                None => changes.added.push(name.clone()),
+                Some(running) if running != config => changes.changed.push(name.clone()),
+                Some(_) => {}
+            }
+        }
+        changes.removed = old
+            .transforms
+            .keys()
+            .filter(|name| !new.transforms.contains_key(*name))
+            .cloned()
+            .collect();
+        changes
+    }
+
+    fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.changed.is_empty() && self.removed.is_empty()
+    }
 }
 
 fn keys<'a>(kind: &'a str, names: &'a [String]) -> impl Iterator<Item = String> + 'a {

@@ -83,6 +83,8 @@ pub async fn shutdown(
     }
     let drain = async {
         join_all(topology.sources.values().map(|source| source.stopped())).await;
+        // Tickers deliver what they emitted while the writers still run.
+        topology.transforms.stop_tickers().await;
         for sink in topology.sinks.values() {
             sink.stop_writer();
         }
@@ -95,6 +97,8 @@ pub async fn shutdown(
             "sources did not stop within shutdown_grace; stopping the buffer writers and sinks anyway"
         );
     }
+    // Stateful transforms see no more events: their state is final.
+    topology.transforms.checkpoint_all().await;
     // Writers store what is queued and end even if a source still holds its intake.
     for sink in topology.sinks.values() {
         sink.stop_writer();

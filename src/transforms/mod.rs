@@ -6,11 +6,17 @@
 //! Payloads stay raw bytes until a transform needs a field ([`payload`]); an event no
 //! transform touches is never parsed by the gateway.
 
+pub(crate) mod alarm;
 mod condition;
+pub(crate) mod deadband;
+pub(crate) mod dedup;
+pub(crate) mod device_state;
+pub(crate) mod downsample;
 pub(crate) mod filter;
 mod payload;
 pub(crate) mod remap;
 mod route;
+pub(crate) mod smooth;
 mod units;
 
 use std::sync::Arc;
@@ -28,6 +34,23 @@ crate::config::component_types! {
     "filter" => Filter(filter::FilterConfig),
     "remap" => Remap(remap::RemapConfig),
     "route" => Route(route::RouteConfig),
+    "alarm" => Alarm(alarm::AlarmConfig),
+    "deadband" => Deadband(deadband::DeadbandConfig),
+    "smooth" => Smooth(smooth::SmoothConfig),
+    "downsample" => Downsample(downsample::DownsampleConfig),
+    "dedup" => Dedup(dedup::DedupConfig),
+}
+
+/// `state_on_change`, a key of every transform: what a stateful transform does with its
+/// state when its config changed (on reload, or since the checkpoint at start-up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StateOnChange {
+    /// Hand the state to the new config (when it cannot read it, it starts empty).
+    #[default]
+    Keep,
+    /// Start empty.
+    Reset,
 }
 
 /// What every transform config offers the graph.
@@ -59,12 +82,36 @@ pub struct TransformServices {
     pub registry: Option<Arc<Registry>>,
     /// Counters of filtered events and transform errors.
     pub metrics: Arc<Metrics>,
+    /// The alarms of every `alarm` transform, for the API.
+    pub alarms: Arc<alarm::AlarmBoard>,
 }
 
 /// A running transform.
 pub trait EventTransform: Send + Sync {
     /// Applies the transform to `event`, emitting what comes out.
     fn apply(&self, event: Event, out: &mut Emitted);
+
+    /// How often the topology calls [`tick`](Self::tick); `None` (the default) for a
+    /// transform that only reacts to events.
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Emits what the passage of time alone produces (closed windows, missing-data
+    /// alarms). `now` is wall-clock time, so tests can drive it.
+    fn tick(&self, _now: std::time::SystemTime, _out: &mut Emitted) {}
+
+    /// The transform's state for a checkpoint, or `None` when it keeps none.
+    fn checkpoint(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Restores state written by [`checkpoint`](Self::checkpoint) of a transform with the
+    /// same config; an error when the bytes cannot be read (the caller logs it and starts
+    /// empty).
+    fn restore(&self, _state: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a transform emitted for one event: events with their output port.
@@ -120,8 +167,35 @@ pub(crate) mod tests {
         let services = TransformServices {
             registry: None,
             metrics: Arc::new(Metrics::new()),
+            alarms: Arc::default(),
         };
         spec.build("t", &services).expect("builds")
+    }
+
+    /// A telemetry event of device `device` at device time `time_ms` with a JSON payload.
+    pub fn reading(device: &str, time_ms: u64, payload: &str) -> Event {
+        let mut event = Event::new(
+            DeviceId::new(device),
+            EventKind::Telemetry,
+            Arc::from("src"),
+            time_ms,
+            PayloadFormat::Json,
+            Bytes::copy_from_slice(payload.as_bytes()),
+        );
+        event.device_time_ms = Some(time_ms);
+        event
+    }
+
+    /// The config check's error for a transform config, as `fieldgate check` prints it.
+    pub fn check_error<T: TransformSpec + serde::de::DeserializeOwned>(text: &str) -> String {
+        let context = Context { file: "t", text };
+        match toml::from_str::<T>(text) {
+            Ok(spec) => match spec.check("t", &context) {
+                Ok(()) => panic!("config accepted: {text}"),
+                Err(err) => err.to_string(),
+            },
+            Err(err) => err.to_string(),
+        }
     }
 
     /// Applies `transform` to one event.
