@@ -6,6 +6,7 @@ mod api;
 mod buffer;
 mod cli_deadletter;
 mod cli_devices;
+mod cli_rules;
 mod clock;
 mod config;
 mod data_dir;
@@ -49,7 +50,8 @@ const VERSION: &str = concat!(
     long_about = "A lightweight IoT edge gateway: devices in, durable store-and-forward, \
         cloud MQTT out.\n\n\
         `run` serves the devices and the API; `check` validates a config without running it; \
-        `devices` and `deadletter` manage a running gateway through its API (loopback only). \
+        `devices` and `deadletter` manage a running gateway through its API (loopback only); \
+        `rules test` runs a SQL rule offline on recorded events. \
         Every config key is described in docs/CONFIG.md. Logs go to stderr."
 )]
 struct Cli {
@@ -80,6 +82,8 @@ enum Command {
     Devices(cli_devices::DevicesArgs),
     /// Inspect, replay or purge the events a sink's upstream refused for good.
     Deadletter(cli_deadletter::DeadLetterArgs),
+    /// Develop SQL rules: `rules test FILE --input events.ndjson` runs one offline.
+    Rules(cli_rules::RulesArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
         },
         Command::Devices(args) => cli_devices::run(args),
         Command::Deadletter(args) => cli_deadletter::run(args),
+        Command::Rules(args) => cli_rules::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -11,6 +11,7 @@ pub(crate) mod filter;
 mod payload;
 pub(crate) mod remap;
 mod route;
+pub(crate) mod sql;
 mod units;
 
 use std::sync::Arc;
@@ -28,6 +29,7 @@ crate::config::component_types! {
     "filter" => Filter(filter::FilterConfig),
     "remap" => Remap(remap::RemapConfig),
     "route" => Route(route::RouteConfig),
+    "sql" => Sql(sql::SqlConfig),
 }
 
 /// What every transform config offers the graph.
@@ -65,6 +67,28 @@ pub struct TransformServices {
 pub trait EventTransform: Send + Sync {
     /// Applies the transform to `event`, emitting what comes out.
     fn apply(&self, event: Event, out: &mut Emitted);
+
+    /// How often the topology calls [`tick`](Self::tick); `None` (the default) for a
+    /// transform that only reacts to events.
+    fn tick_interval(&self) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// Emits what the passage of time alone produces (closed windows, missing-data
+    /// alarms). `now` is wall-clock time, so tests can drive it.
+    fn tick(&self, _now: std::time::SystemTime, _out: &mut Emitted) {}
+
+    /// The transform's state for a checkpoint, or `None` when it keeps none.
+    fn checkpoint(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Restores state written by [`checkpoint`](Self::checkpoint) of a transform with the
+    /// same config; an error when the bytes cannot be read (the caller logs it and starts
+    /// empty).
+    fn restore(&self, _state: &[u8]) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a transform emitted for one event: events with their output port.
