@@ -767,3 +767,123 @@ proptest! {
         prop_assert_eq!(found, model);
     }
 }
+
+/// Events of 100 devices shaped like the simulator's, 1 ms apart.
+fn bench_events(count: u64) -> Vec<Event> {
+    (0..count)
+        .map(|index| {
+            let device = format!("dev-{}", index % 100);
+            #[allow(clippy::cast_precision_loss, reason = "small")]
+            let temp = 20.0 + (index % 17) as f64 * 0.5;
+            let payload = json!({"device": device, "seq": index, "t": 1_764_650_000_000u64 + index, "temp": temp});
+            event(&device, 1_764_650_000_000 + index, &payload)
+        })
+        .collect()
+}
+
+/// Rule throughput per core and allocations per event: a filter, the issue's tumbling
+/// average, and a set of 5 rules on every event. A benchmark, not a check: `cargo test
+/// --release --bin fieldgate sql_rule_throughput -- --ignored --nocapture --test-threads 1`
+/// (numbers in docs/BENCHMARKS.md).
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn sql_rule_throughput() {
+    const EVENTS: u64 = 200_000;
+    let events = bench_events(EVENTS);
+    let sets: [(&str, Vec<&str>); 3] = [
+        (
+            "filter",
+            vec!["SELECT * FROM devices WHERE kind = 'telemetry' AND temp > 25"],
+        ),
+        ("tumbling avg (issue rule)", vec![ISSUE_RULE]),
+        (
+            "5-rule set",
+            vec![
+                "SELECT * FROM devices WHERE kind = 'telemetry' AND temp > 25",
+                ISSUE_RULE,
+                "SELECT device, round(temp * 1.8 + 32, 1) AS temp_f, \
+                 CASE WHEN temp > 25 THEN 'hot' ELSE 'ok' END AS level FROM devices",
+                "SELECT device, percentile(temp, 0.95) AS p95, stddev(temp) AS sd FROM devices \
+                 GROUP BY device, HOPPINGWINDOW(ss, 10, 5)",
+                "SELECT device, count(*) AS n, last(seq) AS seq FROM devices \
+                 GROUP BY device, SESSIONWINDOW(ss, 1, 60)",
+            ],
+        ),
+    ];
+    for (name, sqls) in sets {
+        let rules: Vec<Rule> = sqls.iter().map(|sql| Rule::new(sql)).collect();
+        let run = |events: &[Event]| {
+            let mut emitted = 0usize;
+            for event in events {
+                for rule in &rules {
+                    let mut out = Emitted::default();
+                    rule.transform.apply(event.clone(), &mut out);
+                    emitted += out.into_events().len();
+                }
+            }
+            emitted
+        };
+        let warm = usize::try_from(EVENTS / 10).expect("small");
+        run(&events[..warm]);
+        let started = tokio::time::Instant::now();
+        let emitted = run(&events[warm..]);
+        let elapsed = started.elapsed().as_secs_f64();
+        #[allow(clippy::cast_precision_loss, reason = "a printed ratio")]
+        let measured = (events.len() - warm) as f64;
+        let profiler = dhat::Profiler::builder().testing().build();
+        run(&events[..warm]);
+        let stats = dhat::HeapStats::get();
+        drop(profiler);
+        #[allow(clippy::cast_precision_loss, reason = "a printed ratio")]
+        let per_event = |total: u64| total as f64 / warm as f64;
+        println!(
+            "{name}: {:.0} events/s on one core ({emitted} outputs); {:.1} allocations, {:.0} bytes per event",
+            measured / elapsed,
+            per_event(stats.total_blocks),
+            per_event(stats.total_bytes),
+        );
+    }
+}
+
+/// Heap held per built rule, with 1, 100 and 10,000 rules (parse, plan, build; the
+/// `fieldgate check` and reload path), and after 1,000 rebuilds of one rule.
+#[test]
+#[ignore = "benchmark; run explicitly"]
+fn sql_rule_memory() {
+    let metrics = Arc::new(Metrics::new());
+    let services = TransformServices {
+        registry: None,
+        metrics: metrics.clone(),
+    };
+    let build = |index: usize| {
+        let text = format!("inputs = [\"devices\"]\nsql = {ISSUE_RULE:?}\n");
+        let config: SqlConfig = toml::from_str(&text).expect("valid toml");
+        config
+            .build_sql(&format!("rule-{index}"), &services)
+            .expect("builds")
+    };
+    for count in [1usize, 100, 10_000] {
+        let profiler = dhat::Profiler::builder().testing().build();
+        let before = dhat::HeapStats::get().curr_bytes;
+        let rules: Vec<SqlTransform> = (0..count).map(build).collect();
+        let held = dhat::HeapStats::get().curr_bytes - before;
+        drop(rules);
+        drop(profiler);
+        #[allow(clippy::cast_precision_loss, reason = "a printed ratio")]
+        let per_rule = held as f64 / count as f64;
+        println!("{count} rule(s): {per_rule:.0} bytes of heap per rule (idle, no open window)");
+    }
+    let profiler = dhat::Profiler::builder().testing().build();
+    let mut rule = build(0);
+    let before = dhat::HeapStats::get().curr_bytes;
+    for _ in 0..1_000 {
+        rule = build(0);
+    }
+    let after = dhat::HeapStats::get().curr_bytes;
+    drop(rule);
+    drop(profiler);
+    println!(
+        "1,000 rebuilds of one rule: heap {before} -> {after} bytes ({} bytes growth)",
+        after.saturating_sub(before)
+    );
+}
