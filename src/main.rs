@@ -7,6 +7,7 @@ mod buffer;
 mod cli_alarms;
 mod cli_deadletter;
 mod cli_devices;
+mod cli_rules;
 mod clock;
 mod config;
 mod data_dir;
@@ -50,7 +51,8 @@ const VERSION: &str = concat!(
     long_about = "A lightweight IoT edge gateway: devices in, durable store-and-forward, \
         cloud MQTT out.\n\n\
         `run` serves the devices and the API; `check` validates a config without running it; \
-        `devices` and `deadletter` manage a running gateway through its API (loopback only). \
+        `devices` and `deadletter` manage a running gateway through its API (loopback only); \
+        `rules test` runs a SQL rule offline on recorded events. \
         Every config key is described in docs/CONFIG.md. Logs go to stderr."
 )]
 struct Cli {
@@ -83,6 +85,8 @@ enum Command {
     Deadletter(cli_deadletter::DeadLetterArgs),
     /// List and acknowledge the alarms of a running gateway (needs `api.admin_token`).
     Alarms(cli_alarms::AlarmArgs),
+    /// Develop SQL rules: `rules test FILE --input events.ndjson` runs one offline.
+    Rules(cli_rules::RulesArgs),
 }
 
 fn main() -> ExitCode {
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
         Command::Devices(args) => cli_devices::run(args),
         Command::Deadletter(args) => cli_deadletter::run(args),
         Command::Alarms(args) => cli_alarms::run(args),
+        Command::Rules(args) => cli_rules::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -982,3 +982,28 @@ fn graph_redacts_secrets_and_hashes_the_text() {
     assert_eq!(config.hash, again.hash);
     assert_ne!(config.hash, parse_ok(CONTRACT).hash);
 }
+
+/// Issue 13's SQL snippet, verbatim after a `devices` source: the sink without `url`
+/// publishes to a broker on this host.
+#[test]
+fn sql_rule_snippet_loads_as_written() {
+    let text = r#"[sources.devices]
+type = "tcp"
+address = "127.0.0.1:7000"
+
+[transforms.hot]
+type = "sql"
+inputs = ["devices"]
+sql = "SELECT device, avg(temp) AS avg_temp, max(temp) AS max_temp, count(*) AS n FROM devices WHERE kind = 'telemetry' GROUP BY device, TUMBLINGWINDOW(ss, 2)"
+
+[sinks.cloud]
+type = "mqtt"
+inputs = ["hot"]
+"#;
+    let config = parse_ok(text);
+    let SinkConfig::Mqtt(mqtt) = &config.components.sinks["cloud"] else {
+        panic!("mqtt expected")
+    };
+    assert_eq!(mqtt.url.get_ref(), "mqtt://127.0.0.1:1883");
+    assert!(config.components.transforms.contains_key("hot"));
+}

@@ -17,6 +17,7 @@ mod payload;
 pub(crate) mod remap;
 mod route;
 pub(crate) mod smooth;
+pub(crate) mod sql;
 mod units;
 
 use std::sync::Arc;
@@ -39,6 +40,7 @@ crate::config::component_types! {
     "smooth" => Smooth(smooth::SmoothConfig),
     "downsample" => Downsample(downsample::DownsampleConfig),
     "dedup" => Dedup(dedup::DedupConfig),
+    "sql" => Sql(sql::SqlConfig),
 }
 
 /// `state_on_change`, a key of every transform: what a stateful transform does with its

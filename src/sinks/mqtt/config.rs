@@ -23,7 +23,8 @@ pub struct MqttSinkConfig {
     /// Buffer in front of the sink.
     #[serde(default)]
     pub buffer: BufferConfig,
-    /// `mqtt://host:port` or `mqtts://host:port`.
+    /// `mqtt://host:port` or `mqtts://host:port`; a broker on this host when left out.
+    #[serde(default = "default_url")]
     pub url: Spanned<String>,
     /// MQTT client id; defaults to the gateway id. Keep it stable for a persistent session.
     pub client_id: Option<String>,
@@ -325,3 +326,11 @@ pub struct ClientTlsConfig {
     /// Client private key for mutual TLS (PEM).
     pub key: Option<PathBuf>,
 }
+
+/// The broker a sink without `url` publishes to: one on this host, on MQTT's port.
+fn default_url() -> Spanned<String> {
+    Spanned::new(0..0, DEFAULT_URL.to_owned())
+}
+
+/// See [`default_url`].
+const DEFAULT_URL: &str = "mqtt://127.0.0.1:1883";
