@@ -987,7 +987,10 @@ fn graph_redacts_secrets_and_hashes_the_text() {
 /// publishes to a broker on this host.
 #[test]
 fn sql_rule_snippet_loads_as_written() {
-    let text = r#"[sources.devices]
+    let text = r#"[gateway]
+id = "gw-1"
+
+[sources.devices]
 type = "tcp"
 address = "127.0.0.1:7000"
 
