@@ -6,6 +6,8 @@ mod api;
 mod buffer;
 mod cli_deadletter;
 mod cli_devices;
+#[cfg(feature = "modbus")]
+mod cli_modbus;
 mod clock;
 mod config;
 mod data_dir;
@@ -80,6 +82,9 @@ enum Command {
     Devices(cli_devices::DevicesArgs),
     /// Inspect, replay or purge the events a sink's upstream refused for good.
     Deadletter(cli_deadletter::DeadLetterArgs),
+    /// Talk to a Modbus device directly, for commissioning (`modbus read`).
+    #[cfg(feature = "modbus")]
+    Modbus(cli_modbus::ModbusArgs),
 }
 
 fn main() -> ExitCode {
@@ -103,6 +108,8 @@ fn main() -> ExitCode {
         },
         Command::Devices(args) => cli_devices::run(args),
         Command::Deadletter(args) => cli_deadletter::run(args),
+        #[cfg(feature = "modbus")]
+        Command::Modbus(args) => cli_modbus::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
