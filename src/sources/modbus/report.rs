@@ -228,4 +228,71 @@ mod tests {
         assert_eq!(payload["quality"]["a"], "stale");
         assert!(payload.get("b").is_none());
     }
+
+    /// The model: per point, the last good value with its time and the last (value,
+    /// quality) sent; qualities and on-change decisions follow from it alone.
+    #[derive(Default, Clone)]
+    struct Model {
+        last_good: Option<(i64, u64)>,
+        last_sent: Option<(Option<i64>, &'static str)>,
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn reports_follow_the_model(
+            steps in proptest::collection::vec(
+                (proptest::collection::vec(proptest::option::of(0i64..5), 2), 0u64..2500),
+                1..40,
+            ),
+            on_change: bool,
+        ) {
+            let points = [point("a", 0.0), point("b", 1.5)];
+            let deadbands = [0.0, 1.5];
+            let mut memory = vec![PointMemory::default(), PointMemory::default()];
+            let mut model = [Model::default(), Model::default()];
+            let start = Instant::now();
+            let mut elapsed_ms = 0u64;
+            for (readings, advance) in steps {
+                elapsed_ms += advance;
+                let now = start + Duration::from_millis(elapsed_ms);
+                let values: Vec<Option<Value>> =
+                    readings.iter().map(|r| r.map(Value::from)).collect();
+                let payload = run(&points, &mut memory, &values, now, on_change);
+                let mut expected_any = false;
+                for (index, name) in ["a", "b"].into_iter().enumerate() {
+                    let state = &mut model[index];
+                    let (value, quality) = match readings[index] {
+                        Some(value) => {
+                            state.last_good = Some((value, elapsed_ms));
+                            (Some(value), "good")
+                        }
+                        None => match state.last_good {
+                            Some((value, at)) if elapsed_ms - at <= 3000 => (Some(value), "stale"),
+                            _ => (None, "bad"),
+                        },
+                    };
+                    let send = !on_change
+                        || match state.last_sent {
+                            None => true,
+                            Some((_, sent_quality)) if sent_quality != quality => true,
+                            Some((Some(before), _)) if deadbands[index] > 0.0 => {
+                                value.is_some_and(|now| (now - before).abs() as f64 > deadbands[index])
+                            }
+                            Some((before, _)) => before != value,
+                        };
+                    let reported = payload.as_ref().and_then(|p| p.get(name).cloned());
+                    if send {
+                        expected_any = true;
+                        state.last_sent = Some((value, quality));
+                        let payload = payload.as_ref().expect("a payload");
+                        proptest::prop_assert_eq!(reported, Some(value.map_or(Value::Null, Value::from)));
+                        proptest::prop_assert_eq!(&payload["quality"][name], quality);
+                    } else {
+                        proptest::prop_assert_eq!(reported, None);
+                    }
+                }
+                proptest::prop_assert_eq!(payload.is_some(), expected_any);
+            }
+        }
+    }
 }
