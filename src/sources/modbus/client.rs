@@ -450,7 +450,75 @@ async fn drain_until_quiet(
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use tokio::io::AsyncWriteExt as _;
+
     use super::*;
+
+    impl Connection {
+        /// A TCP connection over an in-memory transport.
+        fn attached(transport: tokio::io::DuplexStream) -> Self {
+            Self {
+                link: Link::Tcp("in-memory".into()),
+                context: Some(tokio_modbus::client::tcp::attach_slave(transport, Slave(1))),
+                last_activity: None,
+            }
+        }
+    }
+
+    /// Answers the first request on `server` with an MBAP frame of the request's
+    /// transaction and unit id around `pdu`; returns the server side, still open.
+    async fn answer(mut server: tokio::io::DuplexStream, pdu: Vec<u8>) -> tokio::io::DuplexStream {
+        let mut request = [0u8; 12];
+        if server.read_exact(&mut request).await.is_err() {
+            return server;
+        }
+        let mut frame = vec![request[0], request[1], 0, 0];
+        let length = u16::try_from(pdu.len() + 1).unwrap_or(u16::MAX);
+        frame.extend_from_slice(&length.to_be_bytes());
+        frame.push(request[6]);
+        frame.extend_from_slice(&pdu);
+        drop(server.write_all(&frame).await);
+        server
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// Any answer to a read (valid function codes with random bodies, exception
+        /// codes, garbage) ends as an answer or a named error, never a panic or a hang.
+        #[test]
+        fn hostile_answers_never_panic(
+            function in prop_oneof![
+                Just(1u8), Just(2), Just(3), Just(4), Just(5), Just(6), Just(16),
+                Just(0x81), Just(0x83), any::<u8>()
+            ],
+            body in proptest::collection::vec(any::<u8>(), 0..300),
+            area in 0usize..4,
+            count in 1u16..20,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let areas = [Area::Coil, Area::Discrete, Area::Holding, Area::Input];
+            runtime.block_on(async {
+                let (client, server) = tokio::io::duplex(4096);
+                let mut connection = Connection::attached(client);
+                let mut pdu = vec![function];
+                pdu.extend_from_slice(&body);
+                let operation = Operation::Read { area: areas[area], address: 0, count };
+                let (result, _server) = tokio::join!(
+                    connection.request(1, &operation, Duration::from_millis(50)),
+                    answer(server, pdu),
+                );
+                if let Ok(answer) = result {
+                    // Whatever was accepted has exactly the length asked for.
+                    match answer {
+                        Answer::Registers(registers) => assert_eq!(registers.len(), usize::from(count)),
+                        Answer::Bits(bits) => assert_eq!(bits.len(), usize::from(count)),
+                        Answer::Written => panic!("a read answered as a write"),
+                    }
+                }
+            });
+        }
+    }
 
     #[test]
     fn frame_silence_follows_the_serial_line_spec() {
