@@ -531,6 +531,23 @@ type = "u16"
             |value| value >= 2.0,
         )
         .await;
+    // Status events bracket the outage: online at first, offline with the error kind.
+    let statuses: Vec<Value> = events(&gateway, "events")
+        .into_iter()
+        .filter(|event| event["device"] == "plc-2" && event["kind"] == "status")
+        .map(|event| event["payload"].clone())
+        .collect();
+    assert_eq!(
+        statuses.first(),
+        Some(&json!({"status": "online"})),
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .any(|status| status["status"] == "offline" && status["reason"].is_string()),
+        "{statuses:?}"
+    );
     // Back: good again within the backoff.
     let _sim = Sim::start(&python, &spec).await;
     let seen = after_outage.len();
@@ -541,6 +558,17 @@ type = "u16"
     })
     .await
     .unwrap_or_else(|| panic!("never good again\n{}", gateway.stderr_tail(30)));
+    eventually(Duration::from_secs(10), || {
+        let online = events(&gateway, "events")
+            .iter()
+            .filter(|event| {
+                event["device"] == "plc-2" && event["payload"] == json!({"status": "online"})
+            })
+            .count();
+        (online >= 2).then_some(())
+    })
+    .await
+    .expect("online again after the outage");
 }
 
 /// How the fake server answers one request.

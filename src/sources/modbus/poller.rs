@@ -261,6 +261,12 @@ impl Poller {
                         .directory
                         .unregister(&device.id, self.connection_id);
                     device.registered = false;
+                    let id = device.id.clone();
+                    self.status(
+                        id,
+                        format!(r#"{{"status":"offline","reason":"{}"}}"#, err.kind()),
+                    )
+                    .await;
                 }
             }
             None if answered => {
@@ -272,13 +278,14 @@ impl Poller {
                 device.backoff.reset();
                 if !device.registered {
                     device.registered = true;
-                    self.services.directory.register(
-                        device.id.clone(),
-                        self.connection_id,
-                        &self.signal,
-                    );
+                    let id = device.id.clone();
+                    self.services
+                        .directory
+                        .register(id.clone(), self.connection_id, &self.signal);
+                    self.status(id.clone(), r#"{"status":"online"}"#.to_owned())
+                        .await;
                     if let Some(commands) = &self.services.commands {
-                        commands.deliver_pending(&device.id).await;
+                        commands.deliver_pending(&id).await;
                     }
                 }
             }
@@ -317,6 +324,20 @@ impl Poller {
             Bytes::from(payload),
         );
         event.device_time_ms = Some(timestamp_ms);
+        drop(self.output.send(event, false).await);
+        self.metrics.received.inc();
+    }
+
+    /// Sends a `status` event for a device that started or stopped answering.
+    async fn status(&mut self, device: DeviceId, payload: String) {
+        let event = Event::new(
+            device,
+            EventKind::Status,
+            Arc::clone(&self.name),
+            crate::clock::now_ms(),
+            PayloadFormat::Json,
+            Bytes::from(payload),
+        );
         drop(self.output.send(event, false).await);
         self.metrics.received.inc();
     }
