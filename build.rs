@@ -25,13 +25,16 @@ fn commit() -> String {
     git(&["rev-parse", "--short=12", "HEAD"]).unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Enabled cargo features, comma-separated, or `none`.
+/// Enabled cargo features, comma-separated, or `none` (the `default` set itself is not
+/// named; the features it enables are).
 fn features() -> String {
     let mut features: Vec<String> = std::env::vars()
         .filter_map(|(key, _)| {
             key.strip_prefix("CARGO_FEATURE_")
                 .map(|name| name.to_lowercase().replace('_', "-"))
         })
+        // `default` is a set, not a feature: its members are listed themselves.
+        .filter(|name| name != "default")
         .collect();
     features.sort();
     if features.is_empty() {

@@ -4,9 +4,10 @@
 # against a real mosquitto started by the tests on free loopback ports).
 #
 # Installs: mosquitto and mosquitto-clients (apt, system-wide, needs root or sudo) and,
-# for the API fuzz test, schemathesis (pip) into a virtual environment in
-# $CARGO_TARGET_DIR/pyenv (default target/pyenv; python3-venv from apt when Debian lacks
-# it). FIELDGATE_API_FUZZ=long runs the long API fuzz profile (CI does).
+# for the API fuzz test and the Modbus tests, schemathesis and pymodbus (with pyserial)
+# (pip) into a virtual environment in $CARGO_TARGET_DIR/pyenv (default target/pyenv;
+# python3-venv from apt when Debian lacks it). FIELDGATE_API_FUZZ=long runs the long API
+# fuzz profile (CI does).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -33,13 +34,15 @@ fi
 # Debian's package may start a system broker on 1883; the tests never use fixed ports,
 # so it does no harm and is left alone.
 
-# schemathesis (PyPI) fuzzes the REST API from its OpenAPI document (tests/api_fuzz.rs).
-# It goes into a virtual environment under the target directory, never into the system's
-# or the user's site-packages; `cargo clean` removes it and the next run installs it again.
+# schemathesis (PyPI) fuzzes the REST API from its OpenAPI document (tests/api_fuzz.rs);
+# pymodbus serves Modbus TCP and RTU to tests/modbus.rs (tests/fixtures/modbus_sim.py; its
+# simulator API changes between releases, hence the pin). They go into a virtual
+# environment under the target directory, never into the system's or the user's
+# site-packages; `cargo clean` removes it and the next run installs it again.
 target_dir="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target_dir"
 pyenv="$(cd "$target_dir" && pwd)/pyenv"
-if ! "$pyenv/bin/python" -c 'import schemathesis' >/dev/null 2>&1; then
+if ! "$pyenv/bin/python" -c 'import schemathesis, serial, pymodbus.simulator' >/dev/null 2>&1; then
     if [ ! -x "$pyenv/bin/pip" ]; then
         rm -rf "$pyenv"
         if ! python3 -m venv "$pyenv" >/dev/null 2>&1; then
@@ -51,8 +54,9 @@ if ! "$pyenv/bin/python" -c 'import schemathesis' >/dev/null 2>&1; then
             python3 -m venv "$pyenv"
         fi
     fi
-    echo "scripts/test.sh: installing schemathesis into $pyenv" >&2
-    "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis
+    echo "scripts/test.sh: installing schemathesis and pymodbus into $pyenv" >&2
+    "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis \
+        pymodbus==3.16.1 pyserial==3.5
 fi
 export FIELDGATE_PYTHON="$pyenv/bin/python"
 

@@ -8,6 +8,8 @@ mod cli_alarms;
 mod cli_deadletter;
 mod cli_devices;
 mod cli_rules;
+#[cfg(feature = "modbus")]
+mod cli_modbus;
 mod clock;
 mod config;
 mod data_dir;
@@ -87,6 +89,9 @@ enum Command {
     Alarms(cli_alarms::AlarmArgs),
     /// Develop SQL rules: `rules test FILE --input events.ndjson` runs one offline.
     Rules(cli_rules::RulesArgs),
+    /// Talk to a Modbus device directly, for commissioning (`modbus read`).
+    #[cfg(feature = "modbus")]
+    Modbus(cli_modbus::ModbusArgs),
 }
 
 fn main() -> ExitCode {
@@ -112,6 +117,8 @@ fn main() -> ExitCode {
         Command::Deadletter(args) => cli_deadletter::run(args),
         Command::Alarms(args) => cli_alarms::run(args),
         Command::Rules(args) => cli_rules::run(args),
+        #[cfg(feature = "modbus")]
+        Command::Modbus(args) => cli_modbus::run(args),
         Command::DefaultConfig => {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS

@@ -332,10 +332,17 @@ fn version_names_commit_target_and_features() {
             && target.contains("linux"),
         "{text}"
     );
-    let features = if cfg!(feature = "profiling") {
-        "features: profiling"
+    let enabled: Vec<&str> = [
+        ("modbus", cfg!(feature = "modbus")),
+        ("profiling", cfg!(feature = "profiling")),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+    let features = if enabled.is_empty() {
+        "features: none".to_owned()
     } else {
-        "features: none"
+        format!("features: {}", enabled.join(","))
     };
-    assert_eq!(lines.get(3).copied(), Some(features), "{text}");
+    assert_eq!(lines.get(3).copied(), Some(features.as_str()), "{text}");
 }

@@ -9,6 +9,8 @@
 
 pub mod commands;
 pub mod http;
+#[cfg(feature = "modbus")]
+pub mod modbus;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -29,6 +31,10 @@ crate::config::component_types! {
     "tcp" => Tcp(tcp::TcpSourceConfig),
     "http" => Http(http::HttpSourceConfig),
     "commands" => Commands(commands::CommandsSourceConfig),
+    #[cfg(feature = "modbus")]
+    "modbus_tcp" => ModbusTcp(modbus::ModbusTcpConfig),
+    #[cfg(feature = "modbus")]
+    "modbus_rtu" => ModbusRtu(modbus::ModbusRtuConfig),
 }
 
 /// What every source config offers the graph.

@@ -14,6 +14,13 @@ pub fn declare(metrics: &Metrics, config: &Config) {
         if matches!(source, SourceConfig::Tcp(_)) {
             metrics.declare_source(name);
         }
+        #[cfg(feature = "modbus")]
+        if matches!(
+            source,
+            SourceConfig::ModbusTcp(_) | SourceConfig::ModbusRtu(_)
+        ) {
+            crate::sources::modbus::declare_metrics(metrics, name);
+        }
     }
     for (name, sink) in &config.components.sinks {
         metrics.declare_sink(name, matches!(sink, SinkConfig::Mqtt(_)));

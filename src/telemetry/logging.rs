@@ -11,9 +11,18 @@ use crate::config::{LogConfig, LogFormat};
 
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(config: &LogConfig) {
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // tokio-modbus warns once per byte it drops while resynchronising a serial frame; the
+    // Modbus poller reports each failed request itself (named error, counter), so the
+    // crate's own lines stay quiet unless a filter names it.
+    let named = std::env::var("RUST_LOG").unwrap_or_else(|_| config.level.clone());
+    if !named.contains("tokio_modbus") {
+        if let Ok(directive) = "tokio_modbus=error".parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let colour = wants_colour(
         std::io::stderr().is_terminal(),
         std::env::var_os("NO_COLOR").as_deref(),

@@ -95,6 +95,16 @@ pub struct HashLabel {
     pub hash: String,
 }
 
+/// `{source, kind}` of `fieldgate_modbus_errors_total`.
+#[cfg(feature = "modbus")]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModbusErrorLabels {
+    /// Source name from the config.
+    pub source: String,
+    /// A closed set: `connect`, `timeout`, `exception`, `protocol`, `malformed`, `io`.
+    pub kind: String,
+}
+
 /// `reason`s of `fieldgate_dropped_events_total`, created at zero for every sink.
 pub const DROP_REASONS: &[&str] = &[
     "buffer_full",
@@ -186,6 +196,18 @@ pub struct Metrics {
     pub config_hash: Family<HashLabel, Gauge>,
     /// `fieldgate_detached_buffer_bytes{sink}`: buffers of sinks no longer configured.
     pub detached_buffer_bytes: Family<SinkLabel, Gauge>,
+    /// `fieldgate_modbus_requests_total{source}`: Modbus requests sent.
+    #[cfg(feature = "modbus")]
+    pub modbus_requests: Family<SourceLabel, Counter>,
+    /// `fieldgate_modbus_errors_total{source,kind}`: Modbus requests without a usable answer.
+    #[cfg(feature = "modbus")]
+    pub modbus_errors: Family<ModbusErrorLabels, Counter>,
+    /// `fieldgate_modbus_poll_seconds{source}`: time of one poll (all its requests).
+    #[cfg(feature = "modbus")]
+    pub modbus_poll_seconds: Family<SourceLabel, Histogram, fn() -> Histogram>,
+    /// `fieldgate_modbus_points{source}`: configured points.
+    #[cfg(feature = "modbus")]
+    pub modbus_points: Family<SourceLabel, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -227,6 +249,14 @@ impl Metrics {
             config_reloads: Family::default(),
             config_hash: Family::default(),
             detached_buffer_bytes: Family::default(),
+            #[cfg(feature = "modbus")]
+            modbus_requests: Family::default(),
+            #[cfg(feature = "modbus")]
+            modbus_errors: Family::default(),
+            #[cfg(feature = "modbus")]
+            modbus_poll_seconds: Family::new_with_constructor(latency_histogram),
+            #[cfg(feature = "modbus")]
+            modbus_points: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -366,6 +396,30 @@ impl Metrics {
             "Bytes on disk in buffers of sinks no longer in the config (delete by hand)",
             metrics.detached_buffer_bytes.clone(),
         );
+        #[cfg(feature = "modbus")]
+        {
+            registry.register(
+                "fieldgate_modbus_requests",
+                "Modbus requests sent (every attempt)",
+                metrics.modbus_requests.clone(),
+            );
+            registry.register(
+                "fieldgate_modbus_errors",
+                "Modbus requests without a usable answer, by kind",
+                metrics.modbus_errors.clone(),
+            );
+            registry.register_with_unit(
+                "fieldgate_modbus_poll",
+                "Time to poll one group of points of a device",
+                Unit::Seconds,
+                metrics.modbus_poll_seconds.clone(),
+            );
+            registry.register(
+                "fieldgate_modbus_points",
+                "Points polled by the Modbus source",
+                metrics.modbus_points.clone(),
+            );
+        }
         registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
