@@ -9,6 +9,7 @@
 
 pub mod commands;
 pub mod http;
+pub mod mqtt_broker;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -29,6 +30,7 @@ crate::config::component_types! {
     "tcp" => Tcp(tcp::TcpSourceConfig),
     "http" => Http(http::HttpSourceConfig),
     "commands" => Commands(commands::CommandsSourceConfig),
+    "mqtt_broker" => MqttBroker(mqtt_broker::MqttBrokerSourceConfig),
 }
 
 /// What every source config offers the graph.
