@@ -51,8 +51,8 @@ if ! "$pyenv/bin/python" -c 'import schemathesis' >/dev/null 2>&1; then
             python3 -m venv "$pyenv"
         fi
     fi
-    echo "scripts/test.sh: installing schemathesis into $pyenv" >&2
-    "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis
+    echo "scripts/test.sh: installing schemathesis and paho-mqtt into $pyenv" >&2
+    "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis paho-mqtt
 fi
 export FIELDGATE_PYTHON="$pyenv/bin/python"
 

@@ -164,6 +164,10 @@ pub struct Metrics {
     pub config_hash: Family<HashLabel, Gauge>,
     /// `fieldgate_detached_buffer_bytes{sink}`: buffers of sinks no longer configured.
     pub detached_buffer_bytes: Family<SinkLabel, Gauge>,
+    /// `fieldgate_mqtt_dropped_messages_total{source,reason}`: messages the embedded MQTT
+    /// broker did not deliver or keep (`queue_full`, `retained_full`, `too_large`,
+    /// `expired`, `qos0_not_stored`).
+    pub mqtt_dropped_messages: Family<ParseLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -199,6 +203,7 @@ impl Metrics {
             config_reloads: Family::default(),
             config_hash: Family::default(),
             detached_buffer_bytes: Family::default(),
+            mqtt_dropped_messages: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -225,6 +230,11 @@ impl Metrics {
             "fieldgate_protocol_parse_failures",
             "Frames rejected as malformed, oversize or out of protocol",
             metrics.parse_failures.clone(),
+        );
+        registry.register(
+            "fieldgate_mqtt_dropped_messages",
+            "Messages the embedded MQTT broker did not deliver to a subscriber or keep, by reason",
+            metrics.mqtt_dropped_messages.clone(),
         );
         registry.register(
             "fieldgate_auth_failures",

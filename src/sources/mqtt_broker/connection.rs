@@ -452,6 +452,12 @@ impl Connection {
                     if let Some(close) = self.answer_front(outcome).await {
                         return close;
                     }
+                    // Packets held back at the in-flight bound.
+                    if !self.buf.is_empty() {
+                        if let Some(close) = self.process_buffer().await {
+                            return close;
+                        }
+                    }
                 }
                 () = commands_waiting(self.device_signal.as_deref()) => self.deliver_commands().await,
                 () = self.signal.wake.notified() => {
@@ -498,6 +504,11 @@ impl Connection {
 
     async fn process_buffer(&mut self) -> Option<Close> {
         loop {
+            // At the bound, the rest waits in the buffer (and the socket) until the
+            // pipeline acknowledges: backpressure, not an error (3.1.1 has no quota).
+            if self.pending.len() >= usize::from(self.shared.settings.max_inflight) {
+                return None;
+            }
             let packet = match codec::decode(
                 &mut self.buf,
                 Some(self.version),
@@ -681,17 +692,20 @@ impl Connection {
             count_error(&self.shared, "invalid_topic");
             return self.violation(0x90).await;
         }
-        if publish.qos > 0 {
+        if publish.qos == 2 && self.pending_qos2.contains(&publish.id) {
+            // A resend of one still waiting for the pipeline: its PUBREC follows once stored.
+            return None;
+        }
+        if publish.qos > 0 && self.version == Version::V5 {
+            // Our Receive Maximum counts QoS 2 ids awaiting PUBREL too (5.0 §4.9).
             let awaiting = self.shared.broker().awaiting_release(&self.client);
-            if self.pending.len() + awaiting >= usize::from(self.shared.settings.max_inflight) {
+            // QoS 2 publishes still waiting for the pipeline are in both counts.
+            let unacknowledged = self.pending.len() - self.pending_qos2.len() + awaiting;
+            if unacknowledged >= usize::from(self.shared.settings.max_inflight) {
                 return self.violation(0x93).await;
             }
         }
         if publish.qos == 2 {
-            if self.pending_qos2.contains(&publish.id) {
-                // Its PUBREC will follow once stored.
-                return None;
-            }
             let first = self
                 .shared
                 .broker()
@@ -725,7 +739,7 @@ impl Connection {
             Some(event) if publish.qos == 0 => {
                 let lost = self.shared.output.try_send(event);
                 if lost > 0 {
-                    count_error(&self.shared, "qos0_not_stored");
+                    self.shared.dropped("qos0_not_stored", lost);
                 }
                 None
             }
@@ -848,9 +862,12 @@ impl Connection {
                 .shared
                 .broker()
                 .take(&self.client, self.id, SEND_BATCH, now);
-            let Ok((packets, _expired)) = taken else {
+            let Ok((packets, expired)) = taken else {
                 return true;
             };
+            if expired > 0 {
+                self.shared.dropped("expired", expired);
+            }
             if packets.is_empty() {
                 return true;
             }
@@ -895,6 +912,7 @@ impl Connection {
                 self.out = encoded;
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "publish not sent to this client");
+                    self.shared.dropped("too_large", 1);
                     if id != 0 {
                         self.shared.broker().discard(&self.client, self.id, id);
                     }

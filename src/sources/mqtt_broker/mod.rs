@@ -140,12 +140,30 @@ impl BrokerShared {
         }
     }
 
-    /// Publishes a message from the broker itself (a will, a command) to subscribers.
+    /// Routes a message to the subscribers (a client's publish, a will, a command);
+    /// returns how many subscriptions it matched.
     pub fn publish_local(&self, from: Option<&str>, message: Message) -> usize {
         let now = self.now_ms();
         let outcome = self.broker().publish(from, Arc::new(message), now);
         self.wake(&outcome.woken);
+        if outcome.dropped > 0 {
+            self.dropped("queue_full", outcome.dropped);
+        }
+        if outcome.retain_refused {
+            self.dropped("retained_full", 1);
+        }
         outcome.matched
+    }
+
+    /// Counts messages the broker did not deliver or keep.
+    pub fn dropped(&self, reason: &str, count: usize) {
+        self.metrics
+            .mqtt_dropped_messages
+            .get_or_create(&crate::telemetry::metrics::ParseLabels {
+                source: self.settings.name.to_string(),
+                reason: reason.to_owned(),
+            })
+            .inc_by(count as u64);
     }
 }
 

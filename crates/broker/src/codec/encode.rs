@@ -506,11 +506,38 @@ pub fn encode_disconnect(
     }
     let code = v5::DisconnectReasonCode::try_from(reason)
         .unwrap_or(v5::DisconnectReasonCode::UnspecifiedError);
+    // A reason string, not `None` or empty properties: rumqttc 0.25 writes a DISCONNECT
+    // with a reason code and no (or empty) properties with a wrong remaining length.
     write5(
         buf,
         &v5::Packet::Disconnect(v5::Disconnect {
             reason_code: code,
-            properties: None,
+            properties: Some(v5::DisconnectProperties {
+                session_expiry_interval: None,
+                reason_string: Some(disconnect_reason_text(reason).to_owned()),
+                user_properties: Vec::new(),
+                server_reference: None,
+            }),
         }),
     )
+}
+
+/// A short text for a server DISCONNECT reason code.
+fn disconnect_reason_text(reason: u8) -> &'static str {
+    match reason {
+        0x00 => "normal disconnection",
+        0x81 => "malformed packet",
+        0x82 => "protocol error",
+        0x87 => "not authorized",
+        0x8B => "server shutting down",
+        0x8D => "keep alive timeout",
+        0x8E => "session taken over",
+        0x90 => "topic name invalid",
+        0x93 => "receive maximum exceeded",
+        0x94 => "topic alias invalid",
+        0x95 => "packet too large",
+        0x97 => "quota exceeded",
+        0x98 => "administrative action",
+        _ => "unspecified error",
+    }
 }

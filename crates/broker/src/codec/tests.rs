@@ -240,3 +240,104 @@ proptest! {
         let _ignored = decode(&mut buf, None, 1024);
     }
 }
+
+#[test]
+fn server_disconnect_and_connack_decode_on_the_client_side() {
+    let mut buf = BytesMut::new();
+    encode_disconnect(&mut buf, Version::V5, 0x95).unwrap();
+    assert!(!buf.is_empty());
+    let packet = v5::Packet::read(&mut buf, None).unwrap();
+    let v5::Packet::Disconnect(disconnect) = packet else {
+        panic!("expected DISCONNECT")
+    };
+    assert_eq!(
+        disconnect.reason_code,
+        v5::DisconnectReasonCode::PacketTooLarge
+    );
+    let mut buf = BytesMut::new();
+    encode_disconnect(&mut buf, Version::V311, 0x95).unwrap();
+    assert!(buf.is_empty(), "3.1.1 has no server DISCONNECT");
+}
+
+/// Every packet the server writes reads back on a client with rumqttc, in both versions.
+#[test]
+fn every_server_packet_reads_back_on_a_client() {
+    let props = ConnAckProperties {
+        assigned_client_id: Some("fieldgate-1".into()),
+        receive_maximum: 8,
+        max_packet_size: 4096,
+        topic_alias_maximum: 4,
+        session_expiry: Some(60),
+        retain_available: true,
+    };
+    for code in [0x00u8, 0x10, 0x80, 0x87, 0x97] {
+        for kind in [AckKind::PubAck, AckKind::PubRec] {
+            let mut buf = BytesMut::new();
+            encode_ack(&mut buf, Version::V5, kind, 3, code).unwrap();
+            v5::Packet::read(&mut buf, None).unwrap();
+            assert!(buf.is_empty(), "{kind:?} {code:#x} left bytes");
+        }
+    }
+    for (kind, code) in [
+        (AckKind::PubRel, 0x92u8),
+        (AckKind::PubComp, 0x92),
+        (AckKind::PubComp, 0),
+    ] {
+        let mut buf = BytesMut::new();
+        encode_ack(&mut buf, Version::V5, kind, 3, code).unwrap();
+        v5::Packet::read(&mut buf, None).unwrap();
+        assert!(buf.is_empty());
+    }
+    let mut buf = BytesMut::new();
+    encode_connack(
+        &mut buf,
+        Version::V5,
+        true,
+        ConnectCode::Success,
+        Some(&props),
+    )
+    .unwrap();
+    let v5::Packet::ConnAck(ack) = v5::Packet::read(&mut buf, None).unwrap() else {
+        panic!("expected CONNACK")
+    };
+    let read = ack.properties.unwrap();
+    assert_eq!(
+        read.assigned_client_identifier.as_deref(),
+        Some("fieldgate-1")
+    );
+    assert_eq!(read.receive_max, Some(8));
+    for code in [
+        ConnectCode::BadCredentials,
+        ConnectCode::UnsupportedVersion,
+        ConnectCode::ServerUnavailable,
+    ] {
+        let mut buf = BytesMut::new();
+        encode_connack(&mut buf, Version::V311, false, code, None).unwrap();
+        let v4::Packet::ConnAck(ack) = v4::Packet::read(&mut buf, MAX).unwrap() else {
+            panic!("expected CONNACK")
+        };
+        assert_eq!(ack.code as u8, code.v311().unwrap());
+        let mut buf = BytesMut::new();
+        encode_connack(&mut buf, Version::V5, false, code, None).unwrap();
+        v5::Packet::read(&mut buf, None).unwrap();
+    }
+    let mut buf = BytesMut::new();
+    encode_connack(&mut buf, Version::V311, false, ConnectCode::Malformed, None).unwrap();
+    assert!(
+        buf.is_empty(),
+        "3.1.1 has no CONNACK code for a malformed CONNECT"
+    );
+    for version in [Version::V311, Version::V5] {
+        let mut buf = BytesMut::new();
+        encode_suback(&mut buf, version, 4, &[0, 1, 2, 0x80, 0x87]).unwrap();
+        encode_unsuback(&mut buf, version, 5, &[0x00, 0x11]).unwrap();
+        encode_pingresp(&mut buf, version).unwrap();
+        for _ in 0..3 {
+            match version {
+                Version::V311 => drop(v4::Packet::read(&mut buf, MAX).unwrap()),
+                Version::V5 => drop(v5::Packet::read(&mut buf, None).unwrap()),
+            }
+        }
+        assert!(buf.is_empty());
+    }
+}
