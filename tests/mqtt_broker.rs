@@ -772,3 +772,208 @@ fn check_names_anonymous_remote_and_bad_device_topic() {
     assert!(!ok);
     assert!(stderr.contains("sources.mqtt.max_packet_size"), "{stderr}");
 }
+
+/// 5.0 §3.4.2.1: an event the buffer refuses (`when_full = "drop_newest"`, full) gets
+/// PUBACK 0x97 on MQTT 5, and a 3.1.1 client (no negative ack) is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_negative_puback_when_the_buffer_refuses() {
+    let (api, broker, cloud) = (free_port(), free_port(), free_port());
+    let text = config(
+        api,
+        broker,
+        "auth = \"none\"",
+        &cloud_sink(cloud, "max_size = \"1MiB\"\nwhen_full = \"drop_newest\""),
+        "",
+    );
+    let _gateway = Gateway::start(&text).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], broker).into();
+    let (mut client, code) = Raw::connect5(addr, "v5-pub", None).await;
+    assert_eq!(code, v5::ConnectReturnCode::Success);
+    let pad = "y".repeat(4000);
+    let mut refused = None;
+    for id in 1..=400u16 {
+        let payload = json!({"seq": id, "pad": pad}).to_string();
+        let mut publish =
+            v5::Publish::new("devices/d1/telemetry", QoS5::AtLeastOnce, payload, None);
+        publish.pkid = id;
+        assert!(client.send5(v5::Packet::Publish(publish)).await);
+        match client.next5(WAIT).await {
+            Some(v5::Packet::PubAck(ack)) => {
+                assert_eq!(ack.pkid, id);
+                if ack.reason != v5::PubAckReason::Success {
+                    eprintln!("publish {id} refused with {:?}", ack.reason);
+                    refused = Some(ack.reason);
+                    break;
+                }
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        refused,
+        Some(v5::PubAckReason::QuotaExceeded),
+        "the full buffer never refused"
+    );
+    let (mut old, _) = Raw::connect4(addr, "v311-pub", None).await;
+    let payload = json!({"seq": 0, "pad": pad}).to_string();
+    assert!(
+        old.send4(publish4(
+            "devices/d1/telemetry",
+            QoS::AtLeastOnce,
+            1,
+            payload
+        ))
+        .await
+    );
+    assert!(
+        old.closed_within(WAIT).await,
+        "3.1.1 client not disconnected on a refused event"
+    );
+}
+
+/// 3.1.1 §4.4 / 5.0 §4.4: unacknowledged QoS 1 deliveries are resent with DUP and the
+/// same packet ids when a persistent session resumes, and not after they are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_4_4_inflight_messages_are_resent_with_dup_on_resume() {
+    let (api, broker) = (free_port(), free_port());
+    let text = config(api, broker, "auth = \"none\"", &file_sink(), "");
+    let _gateway = Gateway::start(&text).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], broker).into();
+    let persistent = |client: &str| {
+        let mut connect = v4::Connect::new(client);
+        connect.keep_alive = 30;
+        connect.clean_session = false;
+        v4::Packet::Connect(connect)
+    };
+    let mut keeper = Raw::open(addr).await;
+    keeper.send4(persistent("keeper")).await;
+    assert!(matches!(
+        keeper.next4(WAIT).await,
+        Some(v4::Packet::ConnAck(_))
+    ));
+    let mut subscribe = v4::Subscribe::new("r/t", QoS::AtLeastOnce);
+    subscribe.pkid = 1;
+    keeper.send4(v4::Packet::Subscribe(subscribe)).await;
+    assert!(matches!(
+        keeper.next4(WAIT).await,
+        Some(v4::Packet::SubAck(_))
+    ));
+    let (mut publisher, _) = Raw::connect4(addr, "publisher", None).await;
+    for id in 1..=3u16 {
+        publisher
+            .send4(publish4("r/t", QoS::AtLeastOnce, id, format!("m{id}")))
+            .await;
+        assert!(matches!(
+            publisher.next4(WAIT).await,
+            Some(v4::Packet::PubAck(_))
+        ));
+    }
+    let mut first = Vec::new();
+    while first.len() < 3 {
+        match keeper.next4(WAIT).await {
+            Some(v4::Packet::Publish(publish)) => {
+                first.push((publish.pkid, publish.payload, publish.dup))
+            }
+            other => panic!("expected PUBLISH, got {other:?}"),
+        }
+    }
+    assert!(first.iter().all(|(_, _, dup)| !dup));
+    drop(keeper);
+    let mut again = Raw::open(addr).await;
+    again.send4(persistent("keeper")).await;
+    match again.next4(WAIT).await {
+        Some(v4::Packet::ConnAck(ack)) => assert!(ack.session_present, "session not resumed"),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    let mut resent = Vec::new();
+    while resent.len() < 3 {
+        match again.next4(WAIT).await {
+            Some(v4::Packet::Publish(publish)) => {
+                resent.push((publish.pkid, publish.payload, publish.dup))
+            }
+            other => panic!("expected a resent PUBLISH, got {other:?}"),
+        }
+    }
+    let expected: Vec<_> = first
+        .iter()
+        .map(|(id, payload, _)| (*id, payload.clone(), true))
+        .collect();
+    assert_eq!(
+        resent, expected,
+        "not resent in order with DUP and the same ids"
+    );
+    for (id, _, _) in &resent {
+        again.send4(v4::Packet::PubAck(v4::PubAck::new(*id))).await;
+    }
+    // Acked: a further resume resends nothing.
+    again.send4(v4::Packet::Disconnect).await;
+    assert!(again.closed_within(WAIT).await);
+    let mut third = Raw::open(addr).await;
+    third.send4(persistent("keeper")).await;
+    assert!(
+        matches!(third.next4(WAIT).await, Some(v4::Packet::ConnAck(ack)) if ack.session_present)
+    );
+    assert!(
+        third.next4(Duration::from_millis(500)).await.is_none(),
+        "acked messages resent"
+    );
+}
+
+/// 3.1.2.10 / 3.1.2.5: a client silent for 1.5x its keep alive is closed and its will
+/// published; PINGREQ keeps it alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_expiry_closes_and_publishes_the_will() {
+    let (api, broker) = (free_port(), free_port());
+    let text = config(api, broker, "auth = \"none\"", &file_sink(), "");
+    let _gateway = Gateway::start(&text).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], broker).into();
+    let watcher = Subscriber::connect_with(broker, "wills/#", None).await;
+    let connect = |client: &str| {
+        let mut connect = v4::Connect::new(client);
+        connect.keep_alive = 1;
+        connect.last_will = Some(v4::LastWill::new(
+            format!("wills/{client}"),
+            "gone",
+            QoS::AtLeastOnce,
+            false,
+        ));
+        v4::Packet::Connect(connect)
+    };
+    let mut pinger = Raw::open(addr).await;
+    pinger.send4(connect("pinger")).await;
+    assert!(matches!(
+        pinger.next4(WAIT).await,
+        Some(v4::Packet::ConnAck(_))
+    ));
+    let mut silent = Raw::open(addr).await;
+    silent.send4(connect("silent")).await;
+    assert!(matches!(
+        silent.next4(WAIT).await,
+        Some(v4::Packet::ConnAck(_))
+    ));
+    let started = Instant::now();
+    // The pinger pings every 500 ms for 3 s and stays; the silent one is closed after 1.5 s.
+    let mut silent_closed = None;
+    while started.elapsed() < Duration::from_secs(3) {
+        pinger.send4(v4::Packet::PingReq).await;
+        assert!(
+            matches!(pinger.next4(WAIT).await, Some(v4::Packet::PingResp)),
+            "PINGRESP missing"
+        );
+        if silent_closed.is_none() && silent.closed_within(Duration::from_millis(500)).await {
+            silent_closed = Some(started.elapsed());
+        }
+    }
+    let closed = silent_closed.expect("the silent client was not closed");
+    assert!(
+        closed >= Duration::from_millis(1400) && closed < Duration::from_millis(2600),
+        "closed after {closed:?}"
+    );
+    assert!(
+        watcher
+            .wait_until(WAIT, |msgs| msgs.iter().any(|m| m.topic == "wills/silent"))
+            .await,
+        "the will was not published"
+    );
+    assert!(!watcher.messages().iter().any(|m| m.topic == "wills/pinger"));
+}
