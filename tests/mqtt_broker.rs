@@ -977,3 +977,81 @@ async fn keep_alive_expiry_closes_and_publishes_the_will() {
     );
     assert!(!watcher.messages().iter().any(|m| m.topic == "wills/pinger"));
 }
+
+/// Unfinished packets of all connections together stay within the gateway's
+/// `partial_frame_budget`: beyond it a connection is closed (counted), and the bytes come
+/// back when the hoarders go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_packets_stay_within_the_gateway_budget() {
+    let (api, broker) = (free_port(), free_port());
+    let text = config(
+        api,
+        broker,
+        "auth = \"none\"\nmax_packet_size = \"4KiB\"",
+        &file_sink(),
+        "",
+    )
+    .replacen(
+        "shutdown_grace = \"5s\"",
+        "shutdown_grace = \"5s\"\npartial_frame_budget = \"64KiB\"",
+        1,
+    );
+    let gateway = Gateway::start(&text).await;
+    let addr: SocketAddr = ([127, 0, 0, 1], broker).into();
+    let mut hoarders = Vec::new();
+    for index in 0..24 {
+        let mut hoarder = Raw::open(addr).await;
+        hoarder
+            .send4(v4::Packet::Connect(v4::Connect::new(format!(
+                "hoarder-{index}"
+            ))))
+            .await;
+        // Once the budget is gone, even a CONNECT is not read: that connection closes.
+        if !matches!(
+            hoarder.next4(Duration::from_secs(2)).await,
+            Some(v4::Packet::ConnAck(_))
+        ) {
+            continue;
+        }
+        // A PUBLISH announcing 4000 bytes, of which 100 arrive.
+        let mut partial = vec![0x30, 0xa0, 0x1f, 0x00, 0x01, b't'];
+        partial.extend(std::iter::repeat_n(b'x', 100));
+        hoarder.send(&partial).await;
+        hoarders.push(hoarder);
+    }
+    gateway
+        .wait_metric(
+            "fieldgate_refused_connections_total",
+            &[("source", "mqtt"), ("reason", "partial_frame_budget")],
+            WAIT,
+            |v| v >= 1.0,
+        )
+        .await;
+    drop(hoarders);
+    // The budget came back: a new client publishes a 3 KiB message.
+    let ok = common::eventually_async(WAIT, || async {
+        let mut client = Raw::open(addr).await;
+        client
+            .send4(v4::Packet::Connect(v4::Connect::new("after")))
+            .await;
+        match client.next4(Duration::from_secs(2)).await {
+            Some(v4::Packet::ConnAck(ack)) if ack.code == v4::ConnectReturnCode::Success => {}
+            _ => return None,
+        }
+        client
+            .send4(publish4(
+                "devices/d1/telemetry",
+                QoS::AtLeastOnce,
+                1,
+                "z".repeat(3000),
+            ))
+            .await;
+        matches!(
+            client.next4(Duration::from_secs(2)).await,
+            Some(v4::Packet::PubAck(_))
+        )
+        .then_some(())
+    })
+    .await;
+    assert!(ok.is_some(), "the budget did not come back");
+}

@@ -85,6 +85,31 @@ impl Close {
     }
 }
 
+/// This connection's share of the gateway-wide partial frame budget (bytes of unfinished
+/// packets all device connections together may hold); given back on drop.
+struct BudgetShare {
+    shared: Arc<BrokerShared>,
+    held: usize,
+}
+
+impl BudgetShare {
+    /// Resizes the share to `bytes`; false when the budget is exhausted.
+    fn fit(&mut self, bytes: usize) -> bool {
+        bytes == self.held
+            || self
+                .shared
+                .services
+                .frame_budget
+                .resize(&mut self.held, bytes)
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.shared.services.frame_budget.release(&mut self.held);
+    }
+}
+
 /// An inbound QoS 1/2 publish waiting to be acknowledged, in arrival order.
 struct PendingAck {
     id: u16,
@@ -117,6 +142,7 @@ struct Connection {
     signal: Arc<ConnectionSignal>,
     device_signal: Option<Arc<DeviceSignal>>,
     buf: BytesMut,
+    budget: BudgetShare,
     out: BytesMut,
     shutdown: CancellationToken,
 }
@@ -132,15 +158,20 @@ pub async fn serve(
 ) {
     shared.connections.inc();
     let mut buf = BytesMut::new();
+    let mut budget = BudgetShare {
+        shared: Arc::clone(&shared),
+        held: 0,
+    };
     let connect = tokio::time::timeout(
         shared.settings.connect_timeout,
-        read_connect(&shared, &mut stream, &mut buf),
+        read_connect(&shared, &mut stream, &mut buf, &mut budget),
     )
     .await;
     match connect {
         Ok(Some(connect)) => {
+            let read = (buf, budget);
             if let Some(connection) =
-                Box::pin(accept(&shared, stream, peer, id, *connect, buf, shutdown)).await
+                Box::pin(accept(&shared, stream, peer, id, *connect, read, shutdown)).await
             {
                 let mut connection = connection;
                 let close = connection.run().await;
@@ -176,6 +207,7 @@ async fn read_connect(
     shared: &BrokerShared,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
+    budget: &mut BudgetShare,
 ) -> Option<Box<Connect>> {
     loop {
         match codec::decode(buf, None, shared.settings.max_packet_size) {
@@ -204,6 +236,13 @@ async fn read_connect(
             }
         }
         buf.reserve(READ_CHUNK.min(shared.settings.max_packet_size));
+        if !budget.fit(buf.capacity()) {
+            shared
+                .metrics
+                .refused(&shared.settings.name, "partial_frame_budget");
+            tracing::warn!("CONNECT refused: the partial frame budget is exhausted");
+            return None;
+        }
         match stream.read_buf(buf).await {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
@@ -219,9 +258,14 @@ async fn accept(
     peer: std::net::SocketAddr,
     id: u64,
     connect: Connect,
-    buf: BytesMut,
+    (mut buf, mut budget): (BytesMut, BudgetShare),
     shutdown: CancellationToken,
 ) -> Option<Connection> {
+    if buf.is_empty() {
+        // Idle after CONNECT: no read buffer, no share of the budget.
+        buf = BytesMut::new();
+        budget.fit(0);
+    }
     let version = connect.version;
     let settings = &shared.settings;
     let refuse = |code: ConnectCode| {
@@ -304,6 +348,7 @@ async fn accept(
         signal,
         device_signal: None,
         buf,
+        budget,
         out: BytesMut::new(),
         shutdown,
     };
@@ -475,6 +520,14 @@ impl Connection {
                             }
                             if self.buf.is_empty() {
                                 self.buf = BytesMut::new();
+                            }
+                            if !self.budget.fit(self.buf.capacity()) {
+                                self.shared
+                                    .metrics
+                                    .refused(&self.shared.settings.name, "partial_frame_budget");
+                                tracing::warn!("closed: the partial frame budget is exhausted");
+                                self.disconnect_with(0x97).await;
+                                return Close::Violation(0x97);
                             }
                         }
                     }

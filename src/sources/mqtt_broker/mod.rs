@@ -319,6 +319,12 @@ impl SourceSpec for MqttBrokerSourceConfig {
                 context.key_error(&key("tokens"), "auth = \"token\" needs at least one token")
             );
         }
+        if settings.gateway.partial_frame_budget.0 < self.max_packet_size.0 {
+            return Err(context.key_error(
+                "gateway.partial_frame_budget",
+                "must be at least 64KiB and at least the largest max_frame or max_packet_size of a source",
+            ));
+        }
         Ok(())
     }
 
