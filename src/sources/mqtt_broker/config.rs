@@ -8,7 +8,7 @@ use toml::Spanned;
 
 use super::device_topic::DeviceTopic;
 use crate::config::{ByteSize, ConfigError, Context, HumanDuration};
-use crate::sources::tcp::AuthMode;
+use crate::sources::tcp::{AuthMode, ListenerTlsConfig};
 
 /// `[sources.NAME]` with `type = "mqtt_broker"`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -63,6 +63,8 @@ pub struct MqttBrokerSourceConfig {
     /// Highest topic alias a MQTT 5 client may use (0 = none).
     #[serde(default = "default_topic_alias_maximum")]
     pub topic_alias_maximum: u16,
+    /// TLS on the listener (MQTT over TLS; mutual TLS with `client_ca`).
+    pub tls: Option<ListenerTlsConfig>,
 }
 
 fn default_device_topic() -> String {

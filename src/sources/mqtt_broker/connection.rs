@@ -22,8 +22,6 @@ use fieldgate_broker::topic::validate_name;
 use fieldgate_broker::{Connect, Message, Publish, SessionParams};
 use fieldgate_codec::validate_device_id;
 use fieldgate_core::{DeviceId, Event, EventKind, PayloadFormat};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +31,7 @@ use crate::clock::now_ms;
 use crate::devices::directory::ConnectionSignal as DeviceSignal;
 use crate::pipeline::{AckOutcome, AckWaiter};
 use crate::sources::tcp::AuthMode;
+use crate::sources::tcp::stream::DeviceStream;
 use crate::telemetry::metrics::ParseLabels;
 
 /// A client that does not read what we send for this long is disconnected.
@@ -43,8 +42,6 @@ const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 const SEND_BATCH: usize = 64;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
-/// Bytes read from the socket at once.
-const READ_CHUNK: usize = 4096;
 
 /// Why a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +119,7 @@ struct PendingAck {
 
 struct Connection {
     shared: Arc<BrokerShared>,
-    stream: TcpStream,
+    stream: DeviceStream,
     id: u64,
     version: Version,
     client: Arc<str>,
@@ -150,7 +147,7 @@ struct Connection {
 /// Serves one connection until it closes or `shutdown` fires.
 pub async fn serve(
     shared: Arc<BrokerShared>,
-    mut stream: TcpStream,
+    mut stream: DeviceStream,
     peer: std::net::SocketAddr,
     id: u64,
     shutdown: CancellationToken,
@@ -205,7 +202,7 @@ fn count_error(shared: &BrokerShared, reason: &str) {
 /// when the connection must close.
 async fn read_connect(
     shared: &BrokerShared,
-    stream: &mut TcpStream,
+    stream: &mut DeviceStream,
     buf: &mut BytesMut,
     budget: &mut BudgetShare,
 ) -> Option<Box<Connect>> {
@@ -235,17 +232,16 @@ async fn read_connect(
                 return None;
             }
         }
-        buf.reserve(READ_CHUNK.min(shared.settings.max_packet_size));
+        match stream.read_some(buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
         if !budget.fit(buf.capacity()) {
             shared
                 .metrics
                 .refused(&shared.settings.name, "partial_frame_budget");
             tracing::warn!("CONNECT refused: the partial frame budget is exhausted");
             return None;
-        }
-        match stream.read_buf(buf).await {
-            Ok(0) | Err(_) => return None,
-            Ok(_) => {}
         }
     }
 }
@@ -254,7 +250,7 @@ async fn read_connect(
 /// connection.
 async fn accept(
     shared: &Arc<BrokerShared>,
-    mut stream: TcpStream,
+    mut stream: DeviceStream,
     peer: std::net::SocketAddr,
     id: u64,
     connect: Connect,
@@ -273,7 +269,8 @@ async fn accept(
         let _encoded = codec::encode_connack(&mut out, version, false, code, None);
         out
     };
-    let verdict = check_connect(shared, &connect, peer);
+    let certified = stream.certified_name();
+    let verdict = check_connect(shared, &connect, peer, certified.as_deref());
     let (client, device) = match verdict {
         Ok(ok) => ok,
         Err(code) => {
@@ -397,6 +394,7 @@ fn check_connect(
     shared: &BrokerShared,
     connect: &Connect,
     peer: std::net::SocketAddr,
+    certified: Option<&str>,
 ) -> Result<(String, Option<DeviceId>), ConnectCode> {
     let settings = &shared.settings;
     if connect.authentication_method.is_some() {
@@ -430,6 +428,21 @@ fn check_connect(
         }
         AuthMode::Registry => {
             let now = services.uptime();
+            // A verified client certificate whose common name is a registered device
+            // authenticates as that device (the user name, if any, must agree).
+            if let Some(name) = certified {
+                let agrees = connect.username.as_deref().is_none_or(|user| user == name);
+                if agrees
+                    && connect.password.is_none()
+                    && validate_device_id(name).is_ok()
+                    && services
+                        .registry
+                        .as_ref()
+                        .is_some_and(|registry| registry.authenticate_certificate(name).is_ok())
+                {
+                    return finish_connect(shared, connect, Some(DeviceId::new(name)));
+                }
+            }
             let Some(username) = connect.username.as_deref() else {
                 return Err(ConnectCode::BadCredentials);
             };
@@ -460,8 +473,19 @@ fn check_connect(
             Some(DeviceId::new(username))
         }
     };
+    finish_connect(shared, connect, device)
+}
+
+/// The will's ACL check for an authenticated device, then the accepted identity.
+fn finish_connect(
+    shared: &BrokerShared,
+    connect: &Connect,
+    device: Option<DeviceId>,
+) -> Result<(String, Option<DeviceId>), ConnectCode> {
     if let (Some(device), Some(will)) = (&device, &connect.will) {
-        if !Acl::device(device.as_str(), &settings.device_topic).may_publish(&will.message.topic) {
+        if !Acl::device(device.as_str(), &shared.settings.device_topic)
+            .may_publish(&will.message.topic)
+        {
             return Err(ConnectCode::NotAuthorized);
         }
     }
@@ -510,7 +534,7 @@ impl Connection {
                         return Close::Lost;
                     }
                 }
-                read = read_some(&mut self.stream, &mut self.buf), if can_read => {
+                read = self.stream.read_some(&mut self.buf), if can_read => {
                     match read {
                         Ok(0) | Err(_) => return Close::Lost,
                         Ok(_) => {
@@ -1077,7 +1101,7 @@ impl Connection {
                 }
             }
         }
-        let _shutdown = self.stream.shutdown().await;
+        self.stream.shutdown().await;
         let now = self.shared.now_ms();
         let owned =
             self.shared
@@ -1110,15 +1134,6 @@ impl Connection {
             self.status_event(device, Bytes::from(payload)).await;
         }
     }
-}
-
-/// Reads whatever arrived, allocating the read buffer only once bytes are waiting.
-async fn read_some(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<usize> {
-    if buf.capacity() - buf.len() == 0 {
-        stream.readable().await?;
-        buf.reserve(READ_CHUNK);
-    }
-    stream.read_buf(buf).await
 }
 
 async fn front_ack(pending: &mut VecDeque<PendingAck>) -> AckOutcome {

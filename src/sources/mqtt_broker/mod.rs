@@ -34,10 +34,12 @@ use tracing::Instrument;
 pub use self::config::MqttBrokerSourceConfig;
 use self::device_topic::DeviceTopic;
 use super::tcp::AuthMode;
+use super::tcp::stream::DeviceStream;
 use super::{RunningSource, SourceContext, SourceSpec};
 use crate::config::{ConfigError, Context, ListenerClaims, Settings};
 use crate::devices::DeviceServices;
 use crate::net::limits::FdUser;
+use crate::net::tls::ReloadableTls;
 use crate::pipeline::SourceOutput;
 use crate::telemetry::Metrics;
 
@@ -222,6 +224,7 @@ impl MqttBrokerSourceConfig {
 async fn run(
     shared: Arc<BrokerShared>,
     listener: TcpListener,
+    tls: Option<Arc<ReloadableTls>>,
     max_connections: usize,
     stop: CancellationToken,
 ) {
@@ -262,10 +265,46 @@ async fn run(
         }
         let id = shared.services.directory.next_connection_id();
         let span = tracing::info_span!("mqtt", source = %name, %peer, conn = id, client = tracing::field::Empty);
-        connections.spawn(
-            connection::serve(Arc::clone(&shared), socket, peer, id, stop.clone(), permit)
-                .instrument(span),
-        );
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        // Plain and TLS connections are different futures, so an idle plain connection
+        // does not carry the TLS handshake state in its task.
+        match &tls {
+            None => {
+                let stream = DeviceStream::Plain(socket);
+                connections.spawn(
+                    connection::serve(shared, stream, peer, id, stop, permit).instrument(span),
+                );
+            }
+            Some(tls) => {
+                let acceptor = tls.current();
+                connections.spawn(
+                    async move {
+                        let handshake = tokio::time::timeout(
+                            shared.settings.connect_timeout,
+                            acceptor.accept(socket),
+                        );
+                        match handshake.await {
+                            Ok(Ok(stream)) => {
+                                let stream = DeviceStream::Tls(Box::new(stream));
+                                Box::pin(connection::serve(shared, stream, peer, id, stop, permit))
+                                    .await;
+                            }
+                            Ok(Err(err)) => {
+                                tracing::info!(error = %err, "TLS handshake failed");
+                                shared
+                                    .metrics
+                                    .auth_failures
+                                    .get_or_create(&Metrics::source(&shared.settings.name))
+                                    .inc();
+                            }
+                            Err(_) => tracing::info!("TLS handshake timed out"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+        }
     }
     drop(listener);
     connections.close();
@@ -340,6 +379,13 @@ impl SourceSpec for MqttBrokerSourceConfig {
         Box::pin(async move {
             use anyhow::Context as _;
             let address = *self.address.get_ref();
+            let tls = self
+                .tls
+                .as_ref()
+                .map(|tls| ReloadableTls::load(&tls.cert, &tls.key, tls.client_ca.as_deref()))
+                .transpose()
+                .with_context(|| format!("source `{name}`: TLS set-up failed"))?
+                .map(Arc::new);
             let listener = listen(address)
                 .with_context(|| format!("source `{name}`: cannot listen on {address}"))?;
             let label = Metrics::source(name);
@@ -364,10 +410,11 @@ impl SourceSpec for MqttBrokerSourceConfig {
                 task: Box::pin(run(
                     shared,
                     listener,
+                    tls.clone(),
                     self.max_connections.max(1),
                     context.stop,
                 )),
-                tls: None,
+                tls,
             })
         })
     }
