@@ -39,7 +39,9 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a status event may wait for room in the pipeline.
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// Packets taken from the session per wake-up before reading again.
-const SEND_BATCH: usize = 64;
+const SEND_BATCH: usize = 256;
+/// Packets handled from one read before the connection yields to the others.
+const YIELD_EVERY: usize = 32;
 /// Longest client id accepted.
 const MAX_CLIENT_ID: usize = 256;
 
@@ -580,7 +582,14 @@ impl Connection {
     }
 
     async fn process_buffer(&mut self) -> Option<Close> {
+        let mut handled = 0usize;
         loop {
+            // A burst of packets in one read must not starve the subscribers it feeds:
+            // every so often let the other connections run.
+            handled += 1;
+            if handled % YIELD_EVERY == 0 {
+                tokio::task::yield_now().await;
+            }
             // At the bound, the rest waits in the buffer (and the socket) until the
             // pipeline acknowledges: backpressure, not an error (3.1.1 has no quota).
             if self.pending.len() >= usize::from(self.shared.settings.max_inflight) {
@@ -931,7 +940,8 @@ impl Connection {
         self.ack(kind, front.id, reason).await
     }
 
-    /// Sends what the session holds for the client, as the window allows.
+    /// Sends what the session holds for the client, as the window allows: each batch
+    /// encoded into one buffer and written at once.
     async fn flush_session(&mut self) -> bool {
         loop {
             let now = self.shared.now_ms();
@@ -948,22 +958,32 @@ impl Connection {
             if packets.is_empty() {
                 return true;
             }
+            self.out.clear();
             for packet in packets {
-                if !self.send_outgoing(packet).await {
-                    return false;
-                }
+                self.encode_outgoing(packet);
+            }
+            if !self.write_out().await {
+                return false;
             }
         }
     }
 
-    /// Encodes and writes one packet from the session; a publish too large for the
-    /// client is discarded as if delivered (MQTT 5 §3.1.2.11.4).
+    /// Encodes and writes one packet from the session.
     async fn send_outgoing(&mut self, packet: Outgoing) -> bool {
         self.out.clear();
+        self.encode_outgoing(packet);
+        self.write_out().await
+    }
+
+    /// Appends one packet from the session to the output buffer; a publish too large for
+    /// the client is discarded as if delivered (MQTT 5 §3.1.2.11.4) and counted.
+    fn encode_outgoing(&mut self, packet: Outgoing) {
         match packet {
             Outgoing::PubRel { id } => {
-                if codec::encode_ack(&mut self.out, self.version, AckKind::PubRel, id, 0).is_err() {
-                    return false;
+                if let Err(err) =
+                    codec::encode_ack(&mut self.out, self.version, AckKind::PubRel, id, 0)
+                {
+                    tracing::warn!(error = %err, "PUBREL not encoded");
                 }
             }
             Outgoing::Publish { id, dup, delivery } => {
@@ -983,22 +1003,27 @@ impl Connection {
                     expiry_remaining,
                     subscription_ids: &delivery.subscription_ids,
                 };
-                let mut encoded = std::mem::take(&mut self.out);
-                let result =
-                    codec::encode_publish(&mut encoded, self.version, &out, self.client_max_packet);
-                self.out = encoded;
+                let result = codec::encode_publish(
+                    &mut self.out,
+                    self.version,
+                    &out,
+                    self.client_max_packet,
+                );
                 if let Err(err) = result {
                     tracing::debug!(error = %err, "publish not sent to this client");
                     self.shared.dropped("too_large", 1);
                     if id != 0 {
                         self.shared.broker().discard(&self.client, self.id, id);
                     }
-                    return true;
                 }
             }
         }
+    }
+
+    /// Writes the output buffer; large buffers are not kept between bursts.
+    async fn write_out(&mut self) -> bool {
         let out = std::mem::take(&mut self.out);
-        let written = self.write(&out).await;
+        let written = out.is_empty() || self.write(&out).await;
         self.out = out;
         if self.out.capacity() > 64 * 1024 {
             self.out = BytesMut::new();
