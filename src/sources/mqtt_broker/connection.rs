@@ -495,6 +495,9 @@ fn finish_connect(
 }
 
 impl Connection {
+    /// Serves the connection until it must close. Every branch but the waits is boxed:
+    /// an idle connection's task then holds only the small waiting state, not the
+    /// largest path's locals (the pipeline hand-off, encoding).
     async fn run(&mut self) -> Close {
         let mut last_read = Instant::now();
         loop {
@@ -508,31 +511,31 @@ impl Connection {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
-                    self.disconnect_with(0x8B).await;
+                    Box::pin(self.disconnect_with(0x8B)).await;
                     return Close::Shutdown;
                 }
                 () = self.signal.evict.notified() => {
-                    self.disconnect_with(0x8E).await;
+                    Box::pin(self.disconnect_with(0x8E)).await;
                     return Close::TakenOver;
                 }
                 () = revoked(self.device_signal.as_deref()) => {
-                    self.disconnect_with(0x98).await;
+                    Box::pin(self.disconnect_with(0x98)).await;
                     return Close::Revoked;
                 }
                 outcome = front_ack(&mut self.pending) => {
-                    if let Some(close) = self.answer_front(outcome).await {
+                    if let Some(close) = Box::pin(self.answer_front(outcome)).await {
                         return close;
                     }
                     // Packets held back at the in-flight bound.
                     if !self.buf.is_empty() {
-                        if let Some(close) = self.process_buffer().await {
+                        if let Some(close) = Box::pin(self.process_buffer()).await {
                             return close;
                         }
                     }
                 }
-                () = commands_waiting(self.device_signal.as_deref()) => self.deliver_commands().await,
+                () = commands_waiting(self.device_signal.as_deref()) => Box::pin(self.deliver_commands()).await,
                 () = self.signal.wake.notified() => {
-                    if !self.flush_session().await {
+                    if !Box::pin(self.flush_session()).await {
                         return Close::Lost;
                     }
                 }
@@ -541,7 +544,7 @@ impl Connection {
                         Ok(0) | Err(_) => return Close::Lost,
                         Ok(_) => {
                             last_read = Instant::now();
-                            if let Some(close) = self.process_buffer().await {
+                            if let Some(close) = Box::pin(self.process_buffer()).await {
                                 return close;
                             }
                             if self.buf.is_empty() {
@@ -552,7 +555,7 @@ impl Connection {
                                     .metrics
                                     .refused(&self.shared.settings.name, "partial_frame_budget");
                                 tracing::warn!("closed: the partial frame budget is exhausted");
-                                self.disconnect_with(0x97).await;
+                                Box::pin(self.disconnect_with(0x97)).await;
                                 return Close::Violation(0x97);
                             }
                         }
@@ -560,7 +563,7 @@ impl Connection {
                 }
                 () = sleep_until_opt(keep_alive_deadline) => {
                     tracing::info!("keep alive expired");
-                    self.disconnect_with(0x8D).await;
+                    Box::pin(self.disconnect_with(0x8D)).await;
                     return Close::KeepAlive;
                 }
             }
