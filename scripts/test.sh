@@ -42,7 +42,7 @@ fi
 target_dir="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$target_dir"
 pyenv="$(cd "$target_dir" && pwd)/pyenv"
-if ! "$pyenv/bin/python" -c 'import schemathesis, serial, pymodbus.simulator' >/dev/null 2>&1; then
+if ! "$pyenv/bin/python" -c 'import schemathesis, serial, pymodbus.simulator, paho.mqtt' >/dev/null 2>&1; then
     if [ ! -x "$pyenv/bin/pip" ]; then
         rm -rf "$pyenv"
         if ! python3 -m venv "$pyenv" >/dev/null 2>&1; then
@@ -54,9 +54,9 @@ if ! "$pyenv/bin/python" -c 'import schemathesis, serial, pymodbus.simulator' >/
             python3 -m venv "$pyenv"
         fi
     fi
-    echo "scripts/test.sh: installing schemathesis and pymodbus into $pyenv" >&2
+    echo "scripts/test.sh: installing schemathesis, pymodbus and paho-mqtt into $pyenv" >&2
     "$pyenv/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis \
-        pymodbus==3.16.1 pyserial==3.5
+        pymodbus==3.16.1 pyserial==3.5 paho-mqtt
 fi
 export FIELDGATE_PYTHON="$pyenv/bin/python"
 

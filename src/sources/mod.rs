@@ -11,6 +11,7 @@ pub mod commands;
 pub mod http;
 #[cfg(feature = "modbus")]
 pub mod modbus;
+pub mod mqtt_broker;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ crate::config::component_types! {
     "modbus_tcp" => ModbusTcp(modbus::ModbusTcpConfig),
     #[cfg(feature = "modbus")]
     "modbus_rtu" => ModbusRtu(modbus::ModbusRtuConfig),
+    "mqtt_broker" => MqttBroker(mqtt_broker::MqttBrokerSourceConfig),
 }
 
 /// What every source config offers the graph.

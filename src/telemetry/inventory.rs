@@ -11,7 +11,7 @@ use super::Metrics;
 pub fn declare(metrics: &Metrics, config: &Config) {
     metrics.declare_reloads();
     for (name, source) in &config.components.sources {
-        if matches!(source, SourceConfig::Tcp(_)) {
+        if matches!(source, SourceConfig::Tcp(_) | SourceConfig::MqttBroker(_)) {
             metrics.declare_source(name);
         }
         #[cfg(feature = "modbus")]

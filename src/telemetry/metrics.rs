@@ -208,6 +208,10 @@ pub struct Metrics {
     /// `fieldgate_modbus_points{source}`: configured points.
     #[cfg(feature = "modbus")]
     pub modbus_points: Family<SourceLabel, Gauge>,
+    /// `fieldgate_mqtt_dropped_messages_total{source,reason}`: messages the embedded MQTT
+    /// broker did not deliver or keep (`queue_full`, `retained_full`, `too_large`,
+    /// `expired`, `qos0_not_stored`).
+    pub mqtt_dropped_messages: Family<ParseLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -257,6 +261,7 @@ impl Metrics {
             modbus_poll_seconds: Family::new_with_constructor(latency_histogram),
             #[cfg(feature = "modbus")]
             modbus_points: Family::default(),
+            mqtt_dropped_messages: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -283,6 +288,11 @@ impl Metrics {
             "fieldgate_protocol_parse_failures",
             "Frames rejected as malformed, oversize or out of protocol",
             metrics.parse_failures.clone(),
+        );
+        registry.register(
+            "fieldgate_mqtt_dropped_messages",
+            "Messages the embedded MQTT broker did not deliver to a subscriber or keep, by reason",
+            metrics.mqtt_dropped_messages.clone(),
         );
         registry.register(
             "fieldgate_auth_failures",

@@ -491,6 +491,7 @@ fn check_largest_events_fit(
         let frame = source.spec().largest_event();
         let frame_key = match source {
             SourceConfig::Tcp(_) => format!("sources.{input}.max_frame"),
+            SourceConfig::MqttBroker(_) => format!("sources.{input}.max_packet_size"),
             _ => format!("the {input:?} source's largest event"),
         };
         let needed = fieldgate_core::Event::max_encoded_len(

@@ -5,7 +5,7 @@
 
 mod config;
 mod connection;
-mod stream;
+pub(crate) mod stream;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use self::config::{AuthMode, FramingConfig, TcpSourceConfig};
+pub use self::config::{AuthMode, FramingConfig, ListenerTlsConfig, TcpSourceConfig};
 use self::stream::DeviceStream;
 use super::{RunningSource, SourceContext, SourceSpec};
 use crate::config::{ConfigError, Context, ListenerClaims, Settings};
