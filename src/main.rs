@@ -7,9 +7,9 @@ mod buffer;
 mod cli_alarms;
 mod cli_deadletter;
 mod cli_devices;
-mod cli_rules;
 #[cfg(feature = "modbus")]
 mod cli_modbus;
+mod cli_rules;
 mod clock;
 mod config;
 mod data_dir;
