@@ -25,9 +25,6 @@ const BATCH: usize = 512;
 const STOP_DRAIN_BATCHES: usize = 32;
 /// How often a blocked writer looks for space even without an ack (a safety net).
 const FULL_RETRY: Duration = Duration::from_millis(100);
-/// Least time between two group commits of partial batches: the latency the writer may
-/// add to an event (and to its device's ack) in exchange for fewer wake-ups per event.
-const STORE_PACING: Duration = Duration::from_millis(1);
 /// Longest a record no device waits for stays in the writer's memory before it is handed
 /// to the OS (a `kill -9` may lose it meanwhile, as it may lose what waits in the intake).
 const FLUSH_DELAY: Duration = Duration::from_millis(5);
@@ -70,12 +67,6 @@ pub async fn run(
     let flush_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(flush_timer);
     let mut flush_pending = false;
-    // After a commit of a partial batch, the writer waits out STORE_PACING before it takes
-    // from the intake again, so that events arriving one by one are stored (and the sink
-    // woken) together rather than one wake-up and one append each.
-    let pace_timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(pace_timer);
-    let mut pacing = false;
     let mut high_open = true;
     let mut normal_open = true;
     while high_open || normal_open {
@@ -88,14 +79,10 @@ pub async fn run(
                 }
                 continue;
             }
-            () = &mut pace_timer, if pacing => {
-                pacing = false;
-                continue;
-            }
-            received = intake.high.recv_many(&mut batch, BATCH), if high_open && !pacing => {
+            received = intake.high.recv_many(&mut batch, BATCH), if high_open => {
                 high_open = received > 0;
             }
-            received = intake.normal.recv_many(&mut normal_batch, BATCH), if normal_open && !pacing => {
+            received = intake.normal.recv_many(&mut normal_batch, BATCH), if normal_open => {
                 normal_open = received > 0;
                 batch.append(&mut normal_batch);
             }
@@ -135,12 +122,6 @@ pub async fn run(
             }
         }
         if !batch.is_empty() {
-            if batch.len() < BATCH {
-                pacing = true;
-                pace_timer
-                    .as_mut()
-                    .reset(tokio::time::Instant::now() + STORE_PACING);
-            }
             if store(&buffer, &mut batch, &mut scratch, policy, &metrics, &stop).await {
                 flush_pending = false;
             } else if !flush_pending {

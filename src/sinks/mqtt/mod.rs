@@ -66,10 +66,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 /// Publishes are not encoded beyond this many unwritten bytes (socket backpressure).
 const OUTGOING_HIGH_WATER: usize = 256 * 1024;
-/// After the buffer woke the sink, it waits at least this long before it is woken by the
-/// buffer again: what arrives meanwhile goes out together (one socket write, one wake-up)
-/// instead of one event at a time. Bounds the latency it adds.
-const DELIVERY_PACING: Duration = Duration::from_millis(1);
 /// Packet id of the command subscription (publishes never use it while it is pending).
 const SUBSCRIBE_ID: u16 = 1;
 
@@ -482,13 +478,12 @@ impl MqttSink<'_> {
         let mut last_sent = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         let mut healthy = !backoff.in_outage();
-        // Long-lived waits (see `DELIVERY_PACING` and the lazy timer below): made anew in
-        // every loop, each would be registered and dropped once per event.
+        // Long-lived waits: made anew in every loop, each would be registered and dropped
+        // once per event.
         let shutdown_wait = shutdown.cancelled();
         tokio::pin!(shutdown_wait);
         let timer = tokio::time::sleep_until(last_sent + keep_alive);
         tokio::pin!(timer);
-        let mut last_delivery_wake: Option<Instant> = None;
         loop {
             self.fill(&mut connection).await;
             self.flush_log();
@@ -512,12 +507,6 @@ impl MqttSink<'_> {
             if !healthy {
                 deadline = deadline.min(connected_at + HEALTHY_AFTER);
             }
-            let paced_until = last_delivery_wake
-                .map(|woken| woken + DELIVERY_PACING)
-                .filter(|until| *until > now);
-            if let (true, Some(until)) = (can_take, paced_until) {
-                deadline = deadline.min(until);
-            }
             let deadline = deadline.max(now);
             // Deadlines mostly move later (acks arrive): the timer is moved only when the
             // new one is earlier, and re-checked when it fires.
@@ -531,7 +520,7 @@ impl MqttSink<'_> {
                     IoDone::Read(read) => Wake::Read(read),
                     IoDone::Wrote(wrote) => Wake::Wrote(wrote),
                 },
-                delivery = self.buffer.next(), if can_take && paced_until.is_none() => Wake::Delivery(delivery),
+                delivery = self.buffer.next(), if can_take => Wake::Delivery(delivery),
                 () = &mut timer => {
                     timer.as_mut().reset(Instant::now() + keep_alive);
                     Wake::Timer
@@ -556,10 +545,7 @@ impl MqttSink<'_> {
                     }
                 }
                 Wake::Wrote(Ok(())) => last_sent = Instant::now(),
-                Wake::Delivery(delivery) => {
-                    last_delivery_wake = Some(Instant::now());
-                    self.take(delivery);
-                }
+                Wake::Delivery(delivery) => self.take(delivery),
                 Wake::Timer => {
                     let now = Instant::now();
                     if !healthy && now >= connected_at + HEALTHY_AFTER {
