@@ -6,14 +6,16 @@
 //! pass unchanged: there is nothing to judge them by.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use fieldgate_core::Event;
 use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::device_state::{DeviceTable, TableMetrics, check_max_devices, default_max_devices};
+use super::device_state::{
+    SharedDeviceTable, TableMetrics, check_max_devices, default_max_devices,
+};
 use super::{Emitted, EventTransform, TransformServices, TransformSpec, payload};
 use crate::config::{ConfigError, Context};
 
@@ -56,10 +58,10 @@ impl TransformSpec for DeadbandConfig {
     ) -> Result<Arc<dyn EventTransform>, ConfigError> {
         Ok(Arc::new(Deadband {
             fields: self.compile(name, &Context::running())?,
-            table: Mutex::new(DeviceTable::new(
+            table: SharedDeviceTable::new(
                 self.max_devices,
                 TableMetrics::new(&services.metrics, name),
-            )),
+            ),
             filtered: services.metrics.filtered(name),
         }))
     }
@@ -121,7 +123,7 @@ impl Field {
 struct Deadband {
     fields: Vec<Field>,
     /// Last reported value per field (by index), per device.
-    table: Mutex<DeviceTable<Vec<Option<f64>>>>,
+    table: SharedDeviceTable<Vec<Option<f64>>>,
     filtered: Counter,
 }
 
@@ -140,7 +142,7 @@ impl EventTransform for Deadband {
             return;
         }
         let passes = {
-            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut table = self.table.lock();
             let last = table.entry(&event.device, || vec![None; self.fields.len()], drop);
             last.resize(self.fields.len(), None);
             let passes = self.fields.iter().zip(values.iter().zip(last.iter())).any(
@@ -167,19 +169,11 @@ impl EventTransform for Deadband {
     }
 
     fn checkpoint(&self) -> Option<Vec<u8>> {
-        Some(
-            self.table
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .checkpoint(),
-        )
+        self.table.checkpoint()
     }
 
     fn restore(&self, state: &[u8]) -> anyhow::Result<()> {
-        self.table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .restore(state)
+        self.table.restore(state)
     }
 }
 

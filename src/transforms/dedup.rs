@@ -6,7 +6,7 @@
 //! once per window (a heartbeat). Payloads are compared by a SHA-256 fingerprint
 //! (truncated to 64 bits), which is stable across versions and so safe to checkpoint.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate_core::Event;
@@ -16,7 +16,7 @@ use sha2::Digest as _;
 use toml::Spanned;
 
 use super::device_state::{
-    DeviceTable, TableMetrics, check_max_devices, default_max_devices, reading_time_ms,
+    SharedDeviceTable, TableMetrics, check_max_devices, default_max_devices, reading_time_ms,
 };
 use super::{Emitted, EventTransform, TransformServices, TransformSpec, payload};
 use crate::config::{ConfigError, Context, HumanDuration};
@@ -97,10 +97,10 @@ impl TransformSpec for DedupConfig {
         Ok(Arc::new(Dedup {
             window_ms,
             fields,
-            table: Mutex::new(DeviceTable::new(
+            table: SharedDeviceTable::new(
                 self.max_devices,
                 TableMetrics::new(&services.metrics, name),
-            )),
+            ),
             filtered: services.metrics.filtered(name),
         }))
     }
@@ -116,7 +116,7 @@ struct LastKept {
 struct Dedup {
     window_ms: u64,
     fields: Fields,
-    table: Mutex<DeviceTable<LastKept>>,
+    table: SharedDeviceTable<LastKept>,
     filtered: Counter,
 }
 
@@ -146,7 +146,7 @@ impl EventTransform for Dedup {
         let fingerprint = self.fingerprint(&event);
         let time_ms = reading_time_ms(&event);
         let duplicate = {
-            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut table = self.table.lock();
             let mut fresh = false;
             let last = table.entry(
                 &event.device,
@@ -178,19 +178,11 @@ impl EventTransform for Dedup {
     }
 
     fn checkpoint(&self) -> Option<Vec<u8>> {
-        Some(
-            self.table
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .checkpoint(),
-        )
+        self.table.checkpoint()
     }
 
     fn restore(&self, state: &[u8]) -> anyhow::Result<()> {
-        self.table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .restore(state)
+        self.table.restore(state)
     }
 }
 

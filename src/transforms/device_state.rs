@@ -201,6 +201,38 @@ impl<V: Serialize + DeserializeOwned> DeviceTable<V> {
     }
 }
 
+/// A [`DeviceTable`] shared by the tasks that run one transform: the lock, and the
+/// checkpoint and restore every per-device transform offers.
+pub struct SharedDeviceTable<V>(std::sync::Mutex<DeviceTable<V>>);
+
+impl<V> SharedDeviceTable<V> {
+    /// An empty table of at most `capacity` devices.
+    pub fn new(capacity: usize, metrics: TableMetrics) -> Self {
+        Self(std::sync::Mutex::new(DeviceTable::new(capacity, metrics)))
+    }
+
+    /// The table; a panic elsewhere while it was held leaves it usable.
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, DeviceTable<V>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<V: Serialize + DeserializeOwned> SharedDeviceTable<V> {
+    /// See [`DeviceTable::checkpoint`]; for [`EventTransform::checkpoint`].
+    ///
+    /// [`EventTransform::checkpoint`]: super::EventTransform::checkpoint
+    pub fn checkpoint(&self) -> Option<Vec<u8>> {
+        Some(self.lock().checkpoint())
+    }
+
+    /// See [`DeviceTable::restore`].
+    pub fn restore(&self, state: &[u8]) -> anyhow::Result<()> {
+        self.lock().restore(state)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

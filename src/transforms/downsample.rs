@@ -5,7 +5,7 @@
 //! By time, a reading older than the device's last kept one is dropped: it falls in an
 //! interval that already has its event.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fieldgate_core::Event;
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use super::device_state::{
-    DeviceTable, TableMetrics, check_max_devices, default_max_devices, reading_time_ms,
+    SharedDeviceTable, TableMetrics, check_max_devices, default_max_devices, reading_time_ms,
 };
 use super::{Emitted, EventTransform, TransformServices, TransformSpec};
 use crate::config::{ConfigError, Context, HumanDuration};
@@ -94,10 +94,10 @@ impl TransformSpec for DownsampleConfig {
     ) -> Result<Arc<dyn EventTransform>, ConfigError> {
         Ok(Arc::new(Downsample {
             rate: self.compile(name, &Context::running())?,
-            table: Mutex::new(DeviceTable::new(
+            table: SharedDeviceTable::new(
                 self.max_devices,
                 TableMetrics::new(&services.metrics, name),
-            )),
+            ),
             filtered: services.metrics.filtered(name),
         }))
     }
@@ -112,14 +112,14 @@ struct Kept {
 
 struct Downsample {
     rate: Rate,
-    table: Mutex<DeviceTable<Kept>>,
+    table: SharedDeviceTable<Kept>,
     filtered: Counter,
 }
 
 impl EventTransform for Downsample {
     fn apply(&self, event: Event, out: &mut Emitted) {
         let keep = {
-            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut table = self.table.lock();
             let kept = table.entry(&event.device, Kept::default, drop);
             match self.rate {
                 Rate::Every(every) => {
@@ -147,19 +147,11 @@ impl EventTransform for Downsample {
     }
 
     fn checkpoint(&self) -> Option<Vec<u8>> {
-        Some(
-            self.table
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .checkpoint(),
-        )
+        self.table.checkpoint()
     }
 
     fn restore(&self, state: &[u8]) -> anyhow::Result<()> {
-        self.table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .restore(state)
+        self.table.restore(state)
     }
 }
 

@@ -6,14 +6,16 @@
 //! moving average would smear.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use fieldgate_core::Event;
 use prometheus_client::metrics::counter::Counter;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-use super::device_state::{DeviceTable, TableMetrics, check_max_devices, default_max_devices};
+use super::device_state::{
+    SharedDeviceTable, TableMetrics, check_max_devices, default_max_devices,
+};
 use super::{Emitted, EventTransform, TransformServices, TransformSpec, payload};
 use crate::config::{ConfigError, Context};
 
@@ -143,10 +145,10 @@ impl TransformSpec for SmoothConfig {
             field,
             target,
             smoother,
-            table: Mutex::new(DeviceTable::new(
+            table: SharedDeviceTable::new(
                 self.max_devices,
                 TableMetrics::new(&services.metrics, name),
-            )),
+            ),
             not_json: services.metrics.transform_error(name, "not_json"),
         }))
     }
@@ -165,7 +167,7 @@ struct Smooth {
     field: Vec<String>,
     target: Vec<String>,
     smoother: Smoother,
-    table: Mutex<DeviceTable<Readings>>,
+    table: SharedDeviceTable<Readings>,
     not_json: Counter,
 }
 
@@ -220,7 +222,7 @@ impl EventTransform for Smooth {
             return;
         };
         let smoothed = {
-            let mut table = self.table.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut table = self.table.lock();
             let readings = table.entry(&event.device, Readings::default, drop);
             self.smooth(readings, reading)
         };
@@ -235,19 +237,11 @@ impl EventTransform for Smooth {
     }
 
     fn checkpoint(&self) -> Option<Vec<u8>> {
-        Some(
-            self.table
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .checkpoint(),
-        )
+        self.table.checkpoint()
     }
 
     fn restore(&self, state: &[u8]) -> anyhow::Result<()> {
-        self.table
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .restore(state)
+        self.table.restore(state)
     }
 }
 
