@@ -333,6 +333,7 @@ fn version_names_commit_target_and_features() {
         "{text}"
     );
     let enabled: Vec<&str> = [
+        ("count-allocations", cfg!(feature = "count-allocations")),
         ("modbus", cfg!(feature = "modbus")),
         ("profiling", cfg!(feature = "profiling")),
     ]

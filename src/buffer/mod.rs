@@ -253,30 +253,27 @@ impl SinkBuffer {
         &self,
         records: &[(Priority, R)],
     ) -> (usize, Option<AppendError>) {
-        self.append_records(records, &[])
+        self.append_with(records.len(), |index| {
+            let (priority, record) = &records[index];
+            (*priority, record.as_ref(), None)
+        })
     }
 
-    /// Appends like [`append`](Self::append), and keeps the events themselves in memory
-    /// (bounded), so that the sink takes them without reading them back from disk and
-    /// decoding them. `events[i]` is the event `records[i]` encodes.
-    pub fn append_events<R: AsRef<[u8]>>(
+    /// Appends `count` records like [`append`](Self::append), taking record `i` from
+    /// `record(i)`: its lane, its encoding and, when given, the event it encodes, which is
+    /// then kept in memory (bounded) so that the sink takes it without reading it back
+    /// from disk and decoding it. A closure rather than a slice, so that the writer
+    /// hands over its encoded batch without building a list per batch.
+    pub fn append_with<'a>(
         &self,
-        records: &[(Priority, R)],
-        events: &[&Event],
-    ) -> (usize, Option<AppendError>) {
-        self.append_records(records, events)
-    }
-
-    fn append_records<R: AsRef<[u8]>>(
-        &self,
-        records: &[(Priority, R)],
-        events: &[&Event],
+        count: usize,
+        record: impl Fn(usize) -> (Priority, &'a [u8], Option<&'a Event>),
     ) -> (usize, Option<AppendError>) {
         let mut lanes = self.lock();
         let mut stored = 0;
         let mut error = None;
-        for (index, (priority, record)) in records.iter().enumerate() {
-            let record = record.as_ref();
+        for index in 0..count {
+            let (priority, record, event) = record(index);
             let len = record.len() as u64;
             if len > self.largest_record {
                 error = Some(AppendError::TooLarge {
@@ -299,11 +296,11 @@ impl SinkBuffer {
                     break;
                 }
             }
-            let (lane, recent) = lanes.lane_and_recent(*priority);
+            let (lane, recent) = lanes.lane_and_recent(priority);
             match lane.append(record) {
                 Ok(id) => {
                     stored += 1;
-                    if let Some(event) = events.get(index) {
+                    if let Some(event) = event {
                         recent.keep(id, event);
                     }
                 }

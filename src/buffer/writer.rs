@@ -61,7 +61,7 @@ pub async fn run(
     sync_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch: Vec<Item> = Vec::with_capacity(BATCH);
     let mut normal_batch: Vec<Item> = Vec::with_capacity(BATCH);
-    let mut scratch: Vec<u8> = Vec::new();
+    let mut scratch = Scratch::default();
     // Records no device waits for are handed to the OS within FLUSH_DELAY, together, not
     // one `write` each (see `store`). Armed only while such records are pending.
     let flush_timer = tokio::time::sleep(Duration::ZERO);
@@ -146,40 +146,46 @@ pub async fn run(
 async fn store(
     buffer: &SinkBuffer,
     batch: &mut Vec<Item>,
-    scratch: &mut Vec<u8>,
+    scratch: &mut Scratch,
     policy: WriterPolicy,
     metrics: &Metrics,
     stop: &CancellationToken,
 ) -> bool {
     // High lane first within the commit, as in the intake.
     batch.sort_by_key(|item| item.event.priority != Priority::High);
-    // Every record of the batch encoded into one reused buffer: no allocation per record.
-    scratch.clear();
-    let mut ends = Vec::with_capacity(batch.len());
+    // Every record of the batch encoded into one reused buffer, and the reused list of
+    // where each ends: no allocation per record or per batch.
+    let Scratch {
+        encoded,
+        ends,
+        stored_tokens,
+    } = scratch;
+    encoded.clear();
+    ends.clear();
     for item in batch.iter() {
-        item.event.encode(&mut *scratch);
-        ends.push(scratch.len());
+        item.event.encode(&mut *encoded);
+        ends.push(encoded.len());
     }
-    let mut start = 0;
-    let records: Vec<(Priority, &[u8])> = batch
-        .iter()
-        .zip(&ends)
-        .map(|(item, &end)| {
-            let record = (item.event.priority, &scratch[start..end]);
-            start = end;
-            record
-        })
-        .collect();
-    let mut tokens: Vec<Option<AckToken>> = batch.iter_mut().map(|item| item.ack.take()).collect();
-    let events: Vec<&fieldgate_core::Event> = batch.iter().map(|item| &item.event).collect();
-    let mut stored_tokens = Vec::new();
     let mut offset = 0;
-    while offset < records.len() {
-        let (stored, error) = buffer.append_events(&records[offset..], &events[offset..]);
+    while offset < batch.len() {
+        let (stored, error) = {
+            let (items, encoded, ends) = (&batch[offset..], &encoded[..], &ends[..]);
+            let base = offset;
+            buffer.append_with(items.len(), |index| {
+                let at = base + index;
+                let start = if at == 0 { 0 } else { ends[at - 1] };
+                let item = &items[index];
+                (
+                    item.event.priority,
+                    &encoded[start..ends[at]],
+                    Some(&item.event),
+                )
+            })
+        };
         stored_tokens.extend(
-            tokens[offset..offset + stored]
+            batch[offset..offset + stored]
                 .iter_mut()
-                .filter_map(Option::take),
+                .filter_map(|item| item.ack.take()),
         );
         offset += stored;
         let reason = match error {
@@ -187,7 +193,7 @@ async fn store(
             Some(AppendError::Full) => match policy.when_full {
                 WhenFull::Block if !stop.is_cancelled() => {
                     // Let what is stored go out and be acked while we wait for room.
-                    commit(buffer, policy, &mut stored_tokens);
+                    commit(buffer, policy, stored_tokens);
                     tokio::select! {
                         () = stop.cancelled() => {}
                         _timed_out = tokio::time::timeout(FULL_RETRY, buffer.space_freed()) => {}
@@ -227,22 +233,32 @@ async fn store(
             }
         };
         metrics.dropped(buffer.sink(), reason, 1);
-        if let Some(ack) = tokens.get_mut(offset).and_then(Option::take) {
+        if let Some(ack) = batch.get_mut(offset).and_then(|item| item.ack.take()) {
             ack.reject(reason);
         }
         offset += 1;
     }
-    drop((records, events));
     batch.clear();
-    if scratch.capacity() > SCRATCH_KEEP {
-        *scratch = Vec::new();
+    if encoded.capacity() > SCRATCH_KEEP {
+        *encoded = Vec::new();
     }
     if stored_tokens.is_empty() && policy.fsync != FsyncPolicy::Always {
         buffer.announce();
         return false;
     }
-    commit(buffer, policy, &mut stored_tokens);
+    commit(buffer, policy, stored_tokens);
     true
+}
+
+/// The writer's working memory, kept from one batch to the next.
+#[derive(Default)]
+struct Scratch {
+    /// The batch's records, encoded back to back.
+    encoded: Vec<u8>,
+    /// Where each record of `encoded` ends.
+    ends: Vec<usize>,
+    /// Ack tokens of the records stored and not yet committed.
+    stored_tokens: Vec<AckToken>,
 }
 
 /// Flushes (or fsyncs under `always`) and confirms the stored items' acks.

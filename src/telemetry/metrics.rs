@@ -431,6 +431,8 @@ impl Metrics {
             );
         }
         registry.register_collector(Box::new(ProcessCollector));
+        #[cfg(all(feature = "count-allocations", not(test)))]
+        registry.register_collector(Box::new(super::allocations::AllocationCollector));
         Self {
             registry,
             ..metrics

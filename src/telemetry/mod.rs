@@ -1,6 +1,8 @@
 //! How the gateway reports on itself: Prometheus metrics, process statistics, logs, the
 //! resource watchdog, CPU profiles and systemd notifications.
 
+#[cfg(all(feature = "count-allocations", not(test)))]
+mod allocations;
 pub mod inventory;
 pub mod logging;
 pub mod metrics;

@@ -129,19 +129,20 @@ impl FrameDecoder {
                 return Ok(None);
             };
             self.scanned = 0;
-            let mut line = buf.split_to(end + 1);
-            line.truncate(end);
-            if line.last() == Some(&b'\r') {
-                line.truncate(end - 1);
-            }
-            if line.len() > self.max_frame {
+            let line_len = match end.checked_sub(1) {
+                Some(before) if buf[before] == b'\r' => before,
+                _ => end,
+            };
+            if line_len > self.max_frame {
+                buf.advance(end + 1);
                 return Err(FrameError::TooLarge {
                     limit: self.max_frame,
                 });
             }
-            if !line.is_empty() {
-                return Ok(Some(line.freeze()));
+            if line_len > 0 {
+                return Ok(Some(take_frame(buf, end + 1, line_len)));
             }
+            buf.advance(end + 1);
         }
     }
 
@@ -170,9 +171,31 @@ impl FrameDecoder {
                 return Ok(None);
             }
             buf.advance(LENGTH_PREFIX_LEN);
-            return Ok(Some(buf.split_to(len).freeze()));
+            return Ok(Some(take_frame(buf, len, len)));
         }
     }
+}
+
+/// Frames up to this size that end the read buffer are copied out of it rather than split
+/// off (see [`take_frame`]).
+const COPY_OUT_MAX: usize = 4096;
+
+/// Takes the first `consumed` bytes out of `buf` and returns the first `frame_len` of them.
+///
+/// A small frame that ends the buffer, the usual case of a device sending one message at a
+/// time, is copied into a `Bytes` of its own and `buf` is emptied but keeps its memory, so
+/// the next read needs no allocation and the frame costs exactly one. Splitting it off
+/// instead would share `buf`'s memory: one allocation for the sharing and, as `buf` cannot
+/// be reused while the frame lives, one for the next read.
+fn take_frame(buf: &mut BytesMut, consumed: usize, frame_len: usize) -> Bytes {
+    if consumed == buf.len() && frame_len <= COPY_OUT_MAX {
+        let frame = Bytes::copy_from_slice(&buf[..frame_len]);
+        buf.clear();
+        return frame;
+    }
+    let mut frame = buf.split_to(consumed);
+    frame.truncate(frame_len);
+    frame.freeze()
 }
 
 fn find_newline(bytes: &[u8]) -> Option<usize> {
@@ -220,6 +243,39 @@ mod tests {
         );
         assert_eq!(&buf[..], b"c");
         assert!(decoder.is_mid_frame(&buf));
+    }
+
+    #[test]
+    fn a_frame_ending_the_buffer_leaves_the_buffer_reusable() {
+        for framing in [Framing::Lines, Framing::LengthPrefixed] {
+            let mut decoder = FrameDecoder::new(framing, 1024);
+            let mut wire = BytesMut::new();
+            crate::encode_frame(framing, b"{\"a\":1}", &mut wire);
+            crate::encode_frame(framing, b"{\"b\":2}", &mut wire);
+            let mut buf = BytesMut::with_capacity(256);
+            buf.extend_from_slice(&wire);
+            let capacity = buf.capacity();
+            let frames = decode_all(&mut decoder, &mut buf);
+            assert_eq!(
+                frames,
+                vec![
+                    Ok(Bytes::from_static(b"{\"a\":1}")),
+                    Ok(Bytes::from_static(b"{\"b\":2}"))
+                ],
+                "{framing:?}"
+            );
+            assert!(buf.is_empty());
+            // The first frame was split off and still shares the memory; once it is gone,
+            // the buffer takes the next read without allocating.
+            drop(frames);
+            buf.extend_from_slice(&wire);
+            assert!(buf.capacity() >= wire.len(), "{framing:?}");
+            assert!(
+                buf.capacity() <= capacity,
+                "{framing:?}: the buffer was replaced"
+            );
+            assert_eq!(decode_all(&mut decoder, &mut buf).len(), 2);
+        }
     }
 
     #[test]

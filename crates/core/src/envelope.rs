@@ -63,11 +63,11 @@ fn write_envelope(event: &Event, out: &mut Vec<u8>) {
     out.extend_from_slice(b",\"kind\":\"");
     out.extend_from_slice(event.kind.as_str().as_bytes());
     out.extend_from_slice(b"\",\"received_at\":\"");
-    out.extend_from_slice(rfc3339_ms(event.received_at_ms).as_bytes());
+    write_rfc3339_ms(event.received_at_ms, out);
     out.push(b'"');
     if let Some(device_time) = event.device_time_ms {
         out.extend_from_slice(b",\"device_time\":\"");
-        out.extend_from_slice(rfc3339_ms(device_time).as_bytes());
+        write_rfc3339_ms(device_time, out);
         out.push(b'"');
     }
     out.extend_from_slice(b",\"source\":");
@@ -104,8 +104,20 @@ fn write_json_string(text: &str, out: &mut Vec<u8>) {
 
 /// `2026-11-26T07:49:09.123Z` for milliseconds since the epoch.
 pub fn rfc3339_ms(ms: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-    humantime::format_rfc3339_millis(time).to_string()
+    humantime::format_rfc3339_millis(epoch_ms(ms)).to_string()
+}
+
+/// Writes [`rfc3339_ms`] into `out` without an intermediate `String`.
+fn write_rfc3339_ms(ms: u64, out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    // Writing into a Vec cannot fail.
+    if write!(out, "{}", humantime::format_rfc3339_millis(epoch_ms(ms))).is_err() {
+        out.extend_from_slice(rfc3339_ms(ms).as_bytes());
+    }
+}
+
+fn epoch_ms(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 
 #[cfg(test)]

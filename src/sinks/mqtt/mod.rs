@@ -334,7 +334,7 @@ impl MqttSink<'_> {
             write_event(self.config.format, first, &mut payload);
             return Message {
                 topic: self.config.topic.render(&self.context.gateway, first),
-                payload: Bytes::from(payload),
+                payload,
                 qos,
                 retain: first.kind == EventKind::Status,
                 event_id: self.user_property_id(first),
@@ -347,7 +347,7 @@ impl MqttSink<'_> {
         );
         Message {
             topic: self.batch_topic(first),
-            payload: Bytes::from(payload),
+            payload,
             qos,
             retain: false,
             event_id: None,
@@ -1046,7 +1046,7 @@ impl MqttSink<'_> {
         }
         let message = Message {
             topic: self.status_topic.clone(),
-            payload: Bytes::from_static(status),
+            payload: status.to_vec(),
             qos: 1,
             retain: true,
             event_id: None,

@@ -14,7 +14,6 @@
 
 use std::collections::BTreeMap;
 
-use bytes::Bytes;
 use tokio::time::Instant;
 
 /// A publish as it is (re)sent.
@@ -23,7 +22,7 @@ pub struct Message {
     /// Topic name.
     pub topic: String,
     /// Payload.
-    pub payload: Bytes,
+    pub payload: Vec<u8>,
     /// QoS 1 or 2.
     pub qos: u8,
     /// Retain flag.
@@ -281,7 +280,7 @@ mod tests {
     fn message(qos: u8) -> Message {
         Message {
             topic: "t".into(),
-            payload: Bytes::from_static(b"x"),
+            payload: b"x".to_vec(),
             qos,
             retain: false,
             event_id: None,

@@ -40,6 +40,8 @@ const MAX_DEVICES_PER_CONNECTION: usize = 256;
 const STATUS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 /// A device that does not read its replies for this long is disconnected.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest read buffer an idle connection keeps: about one typical frame.
+const KEEP_IDLE_READ_BUFFER: usize = 512;
 /// A partial frame's buffer above this size is copied into a fitting one when it holds
 /// less than a quarter of its capacity, so a burst does not leave large buffers behind.
 const SHRINK_ABOVE: usize = 16 * 1024;
@@ -251,8 +253,12 @@ impl Connection {
                                 frame_started = None;
                             }
                             if self.buf.is_empty() {
-                                // Release the read buffer while idle.
-                                self.buf = BytesMut::new();
+                                // Keep a small read buffer for the next frame (a device's
+                                // frame that ended the read was copied out, so this one is
+                                // free to reuse); release a large one while idle.
+                                if self.buf.capacity() > KEEP_IDLE_READ_BUFFER {
+                                    self.buf = BytesMut::new();
+                                }
                             } else if self.buf.capacity() > SHRINK_ABOVE
                                 && self.buf.capacity() / 4 > self.buf.len()
                             {
@@ -365,17 +371,11 @@ impl Connection {
                 kind,
                 seq,
                 device_time_ms,
-            } => (
-                device.map(|d| d.into_owned()),
-                kind,
-                seq,
-                device_time_ms,
-                PayloadFormat::Json,
-            ),
+            } => (device, kind, seq, device_time_ms, PayloadFormat::Json),
             DeviceMessage::CommandResult { device, seq, id } => {
                 command_id = Some(id.into_owned());
                 (
-                    device.map(|d| d.into_owned()),
+                    device,
                     EventKind::CommandResult,
                     seq,
                     None,
