@@ -4,6 +4,8 @@
 //!   and the buffers left on disk by sinks no longer in the config.
 //! - `POST /api/v1/config/reload`: re-reads the `--config` file and applies it (as
 //!   `kill -HUP` does); answers what changed, or why nothing did.
+//! - `GET /api/v1/sinks`: the running sinks' link health and failover state
+//!   ([`super::sinks`]).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -18,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::admin::{AdminAuth, denied_problem};
 use super::extract::ClientIp;
 use super::problem::ApiError;
+use super::sinks::SinkBoard;
 
 /// How long a reload request waits for the topology to apply it.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(60);
@@ -68,6 +71,7 @@ pub type ReloadRequest = oneshot::Sender<Result<ReloadReport, String>>;
 pub struct ConfigApi {
     admin: Arc<AdminAuth>,
     view: RwLock<ConfigView>,
+    sinks: RwLock<Arc<SinkBoard>>,
     reload: mpsc::Sender<ReloadRequest>,
 }
 
@@ -77,6 +81,7 @@ impl ConfigApi {
         Self {
             admin,
             view: RwLock::new(ConfigView::default()),
+            sinks: RwLock::new(Arc::new(SinkBoard::default())),
             reload,
         }
     }
@@ -87,6 +92,29 @@ impl ConfigApi {
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = view;
+    }
+
+    /// Publishes the running sinks (at start-up and after every reload).
+    pub fn show_sinks(&self, board: SinkBoard) {
+        *self
+            .sinks
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(board);
+    }
+
+    /// The running sinks.
+    pub fn sinks(&self) -> Arc<SinkBoard> {
+        Arc::clone(
+            &self
+                .sinks
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// The admin check of these routes.
+    pub fn admin(&self) -> &AdminAuth {
+        &self.admin
     }
 
     fn current(&self) -> ConfigView {
@@ -102,6 +130,7 @@ pub fn router(state: Arc<ConfigApi>) -> Router {
     Router::new()
         .route("/api/v1/config", get(show))
         .route("/api/v1/config/reload", post(reload))
+        .route("/api/v1/sinks", get(super::sinks::list))
         .with_state(state)
 }
 

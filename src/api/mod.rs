@@ -23,6 +23,7 @@ pub mod openapi;
 pub mod problem;
 pub mod provisioning;
 pub mod registration;
+pub mod sinks;
 #[cfg(test)]
 mod tests;
 pub mod v1;

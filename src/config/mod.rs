@@ -95,10 +95,19 @@ impl ComponentTable<'_> {
         let DeValue::Table(table) = self.table.get_mut() else {
             return Ok(None);
         };
-        match table.remove(key) {
-            Some(value) => deserialize(value, context, &format!("{}.{key}", self.path)).map(Some),
-            None => Ok(None),
-        }
+        let Some(value) = table.remove(key) else {
+            return Ok(None);
+        };
+        // The error names the key from its line (`sinks.x` + `key`); without a line, the
+        // key is added here.
+        deserialize(value, context, &self.path)
+            .map(Some)
+            .map_err(|mut err| {
+                if err.key.as_deref() == Some(self.path.as_str()) {
+                    err.key = Some(format!("{}.{key}", self.path));
+                }
+                err
+            })
     }
 
     /// The error for a `type` nobody knows; `known` lists the valid ones.

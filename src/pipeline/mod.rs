@@ -7,9 +7,11 @@
 //! devices. Alarms, status and command traffic use the high lane and pass telemetry.
 
 mod ack;
+mod failover;
 mod intake;
 mod router;
 
 pub use ack::{AckOutcome, AckToken, AckWaiter};
+pub use failover::{FailoverRoute, FailoverSwitch};
 pub use intake::{Intake, IntakeReceiver, Item, WeakIntake, intake};
 pub use router::{SourceOutput, Target, TransformNode, deliver_emitted};

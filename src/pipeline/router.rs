@@ -11,13 +11,14 @@
 //! and only the full ones are waited for, together, so a slow or full sink never
 //! delays the write into another. With `ack`, the device's answer still waits for every
 //! target buffer; an event that no sink receives (a filter dropped it) is acknowledged
-//! as handled.
+//! as handled. A sink with a failover sink is one hop that picks one of the two intakes
+//! per event ([`FailoverRoute`]), so an event is in one of their buffers, never both.
 
 use std::sync::{Arc, RwLock};
 
 use fieldgate_core::Event;
 
-use super::{AckToken, AckWaiter, Intake, Item};
+use super::{AckToken, AckWaiter, FailoverRoute, Intake, Item};
 use crate::transforms::{Emitted, EventTransform};
 
 /// The next hop of an event.
@@ -27,6 +28,8 @@ pub enum Target {
     Sink(Intake),
     /// A transform, with the targets of each of its outputs.
     Transform(Arc<TransformNode>),
+    /// A sink with a failover sink: one of the two intakes, as its switch says.
+    Failover(Arc<FailoverRoute>),
 }
 
 /// A transform in the compiled graph.
@@ -175,6 +178,7 @@ fn route(targets: &[Target], event: Event, deliveries: &mut Vec<(Intake, Event)>
 fn hop(target: &Target, event: Event, deliveries: &mut Vec<(Intake, Event)>) {
     match target {
         Target::Sink(intake) => deliveries.push((intake.clone(), event)),
+        Target::Failover(route) => deliveries.push((route.pick().clone(), event)),
         Target::Transform(node) => {
             let mut emitted = Emitted::default();
             node.transform.apply(event, &mut emitted);

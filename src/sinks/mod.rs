@@ -1,12 +1,18 @@
 //! Sinks: where events leave the gateway. Each reads its own buffer and acknowledges
 //! records only once its destination has them.
 //!
+//! A sink may name a `failover` sink that takes its new events while its upstream is
+//! unreachable ([`failover`]); sinks with an upstream report their link's health for it
+//! ([`link`]).
+//!
 //! A sink's config type lives in its module and implements [`SinkSpec`]; adding a sink
 //! type is one module plus one line in [`SinkConfig`]'s list.
 
 pub mod console;
 pub mod deadletter;
+pub mod failover;
 pub mod file;
+pub mod link;
 pub mod mqtt;
 mod topic;
 
@@ -56,6 +62,12 @@ pub trait SinkSpec {
         false
     }
 
+    /// Whether it has an upstream link that can be unreachable (and so reports its
+    /// [`link::LinkHealth`]); only such a sink may name a `failover` sink.
+    fn has_upstream(&self) -> bool {
+        false
+    }
+
     /// Files it reads at start (TLS material): a change to one restarts the sink on
     /// reload even when its config is unchanged.
     fn watched_files(&self) -> Vec<PathBuf> {
@@ -86,6 +98,8 @@ pub struct SinkContext {
     pub deadletters: Option<Arc<DeadLetters>>,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// Where a sink with an upstream reports its link's health (failover reads it).
+    pub link: link::LinkHealth,
     /// Fires when the sink must stop.
     pub stop: CancellationToken,
 }

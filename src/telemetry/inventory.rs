@@ -25,6 +25,11 @@ pub fn declare(metrics: &Metrics, config: &Config) {
     for (name, sink) in &config.components.sinks {
         metrics.declare_sink(name, matches!(sink, SinkConfig::Mqtt(_)));
     }
+    for (primary, failover) in &config.components.failover {
+        drop(metrics.failover_active(primary));
+        drop(metrics.failover_switches(primary));
+        drop(metrics.failover_events(primary, failover.to.get_ref()));
+    }
     if config.settings.api.is_some() {
         metrics.declare_refusals(crate::api::API_SOURCE);
         metrics.declare_auth(crate::api::admin::ADMIN_SOURCE);

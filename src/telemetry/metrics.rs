@@ -81,6 +81,15 @@ pub struct AlarmLabels {
     pub severity: String,
 }
 
+/// `{sink, to}` of events a sink handed to its failover sink.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabels {
+    /// The primary sink.
+    pub sink: String,
+    /// Its failover sink.
+    pub to: String,
+}
+
 /// `{result}` of a config reload: `applied`, `unchanged` or `failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabel {
@@ -196,6 +205,12 @@ pub struct Metrics {
     pub config_hash: Family<HashLabel, Gauge>,
     /// `fieldgate_detached_buffer_bytes{sink}`: buffers of sinks no longer configured.
     pub detached_buffer_bytes: Family<SinkLabel, Gauge>,
+    /// `fieldgate_failover_active{sink}`: 1 while the sink's new events go to its failover.
+    pub failover_active: Family<SinkLabel, Gauge>,
+    /// `fieldgate_failover_switches_total{sink}`: times the sink failed over.
+    pub failover_switches: Family<SinkLabel, Counter>,
+    /// `fieldgate_failover_events_total{sink,to}`: events the sink's failover took.
+    pub failover_events: Family<FailoverLabels, Counter>,
     /// `fieldgate_modbus_requests_total{source}`: Modbus requests sent.
     #[cfg(feature = "modbus")]
     pub modbus_requests: Family<SourceLabel, Counter>,
@@ -253,6 +268,9 @@ impl Metrics {
             config_reloads: Family::default(),
             config_hash: Family::default(),
             detached_buffer_bytes: Family::default(),
+            failover_active: Family::default(),
+            failover_switches: Family::default(),
+            failover_events: Family::default(),
             #[cfg(feature = "modbus")]
             modbus_requests: Family::default(),
             #[cfg(feature = "modbus")]
@@ -406,6 +424,21 @@ impl Metrics {
             "Bytes on disk in buffers of sinks no longer in the config (delete by hand)",
             metrics.detached_buffer_bytes.clone(),
         );
+        registry.register(
+            "fieldgate_failover_active",
+            "1 while the sink's upstream is unreachable and its new events go to its failover sink",
+            metrics.failover_active.clone(),
+        );
+        registry.register(
+            "fieldgate_failover_switches",
+            "Times the sink failed over to its failover sink",
+            metrics.failover_switches.clone(),
+        );
+        registry.register(
+            "fieldgate_failover_events",
+            "Events of the sink that its failover sink took while it was unreachable",
+            metrics.failover_events.clone(),
+        );
         #[cfg(feature = "modbus")]
         {
             registry.register(
@@ -461,6 +494,30 @@ impl Metrics {
         SinkLabel {
             sink: name.to_owned(),
         }
+    }
+
+    /// `fieldgate_failover_active{sink}` of primary `sink`.
+    pub fn failover_active(&self, sink: &str) -> Gauge {
+        self.failover_active
+            .get_or_create(&Self::sink(sink))
+            .clone()
+    }
+
+    /// `fieldgate_failover_switches_total{sink}` of primary `sink`.
+    pub fn failover_switches(&self, sink: &str) -> Counter {
+        self.failover_switches
+            .get_or_create(&Self::sink(sink))
+            .clone()
+    }
+
+    /// `fieldgate_failover_events_total{sink,to}`: events `sink` handed to `to`.
+    pub fn failover_events(&self, sink: &str, to: &str) -> Counter {
+        self.failover_events
+            .get_or_create(&FailoverLabels {
+                sink: sink.to_owned(),
+                to: to.to_owned(),
+            })
+            .clone()
     }
 
     /// The counter of events the filter `transform` dropped.

@@ -23,6 +23,7 @@ use crate::devices::directory::DeviceDirectory;
 use crate::net::tls::ReloadableTls;
 use crate::pipeline::{Intake, IntakeReceiver, SourceOutput, intake};
 use crate::sinks::deadletter::DeadLetters;
+use crate::sinks::link::SinkLinks;
 use crate::sinks::{SinkConfig, SinkContext};
 use crate::sources::{SourceConfig, SourceContext};
 use crate::telemetry::Metrics;
@@ -51,6 +52,8 @@ pub struct Shared {
     pub api: Arc<ApiState>,
     /// What transforms consult.
     pub transforms: TransformServices,
+    /// Every sink's upstream link health, by name (outlives reloads).
+    pub links: SinkLinks,
 }
 
 /// A running sink: its buffer, the writer filling it, and the sink task draining it.
@@ -134,6 +137,7 @@ impl SinkHandle {
             intake: self.intake.downgrade(),
             deadletters: self.deadletters.clone(),
             metrics: Arc::clone(&shared.metrics),
+            link: shared.links.get(name),
             stop: self.sink_stop.clone(),
         };
         tracing::info!(

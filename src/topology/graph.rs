@@ -3,18 +3,22 @@
 //!
 //! Rules `check` enforces: names are unique across kinds; every input names a source, a
 //! transform (its default output) or a transform output (`NAME.OUTPUT`); no cycles;
-//! every sink's inputs can produce events; every source and every transform's output
-//! is read by something (its events would be lost otherwise), except the built-in
-//! sources (`http`, `commands`) and the named outputs of a `route`; and the largest
-//! event of every source upstream of a sink fits that sink's buffer.
+//! every sink's inputs can produce events (a sink that is only another's `failover` may
+//! have none); `failover` names another sink without a failover of its own; every
+//! source and every transform's output is read by something (its events would be lost
+//! otherwise), except the built-in sources (`http`, `commands`) and the named outputs of
+//! a `route`; and the largest event of every source upstream of a sink (or of a sink it
+//! is the failover of) fits that sink's buffer.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::api::ingest::HTTP_SOURCE;
+use crate::config::HumanDuration;
 use crate::config::{self, ComponentTables, ConfigError, Context, ListenerClaims, Settings};
-use crate::pipeline::{Intake, Target, TransformNode};
+use crate::pipeline::{FailoverRoute, FailoverSwitch, Intake, Target, TransformNode};
 use crate::sinks::SinkConfig;
+use crate::sinks::failover::FailoverConfig;
 use crate::sources::SourceConfig;
 use crate::sources::commands::{COMMANDS_SOURCE, CommandsSourceConfig};
 use crate::sources::http::HttpSourceConfig;
@@ -34,6 +38,8 @@ pub struct Components {
     pub sinks: BTreeMap<String, SinkConfig>,
     /// `state_on_change` of the transforms that set it.
     pub state_on_change: BTreeMap<String, StateOnChange>,
+    /// `failover` and `failover_after` of the sinks that set them, by primary sink.
+    pub failover: BTreeMap<String, FailoverConfig>,
 }
 
 /// The compiled graph: each source's routing tree and the transform nodes in it.
@@ -75,8 +81,21 @@ impl config::Components for Components {
             transforms.insert(name, TransformConfig::parse(table, context)?);
         }
         let mut sinks = BTreeMap::new();
-        for table in tables.sinks {
+        let mut failover = BTreeMap::new();
+        for mut table in tables.sinks {
             let name = table.name.clone();
+            let to = table.take::<toml::Spanned<String>>("failover", context)?;
+            let after = table.take::<toml::Spanned<HumanDuration>>("failover_after", context)?;
+            if let (None, Some(after)) = (&to, &after) {
+                return Err(context.error_at(
+                    after.span(),
+                    &format!("sinks.{name}.failover_after"),
+                    "`failover_after` needs `failover`, the sink that takes over".into(),
+                ));
+            }
+            if let Some(config) = FailoverConfig::from_keys(to, after) {
+                failover.insert(name.clone(), config);
+            }
             sinks.insert(name, SinkConfig::parse(table, context)?);
         }
         let mut components = Components {
@@ -84,6 +103,7 @@ impl config::Components for Components {
             transforms,
             sinks,
             state_on_change,
+            failover,
         };
         components.add_built_ins(settings, context)?;
         components.check(settings, listeners, context)?;
@@ -159,11 +179,18 @@ impl Components {
             sink.spec().check(name, context)?;
             sink.spec().buffer().check(context, name)?;
         }
+        self.check_failover(context)?;
         let inputs = self.resolve_inputs(settings, context)?;
         self.check_cycles(&inputs, context)?;
         self.check_everything_read(&inputs, context)?;
         for (name, sink) in &self.sinks {
-            let upstream = self.upstream_sources(&inputs, &format!("sinks.{name}"));
+            let mut upstream = self.upstream_sources(&inputs, &format!("sinks.{name}"));
+            // A failover sink also takes its primaries' events.
+            for (primary, failover) in &self.failover {
+                if failover.to.get_ref() == name {
+                    upstream.extend(self.upstream_sources(&inputs, &format!("sinks.{primary}")));
+                }
+            }
             if upstream.is_empty() {
                 return Err(context.key_error(
                     &format!("sinks.{name}.inputs"),
@@ -173,6 +200,57 @@ impl Components {
             check_largest_events_fit(self, context, name, sink, &upstream)?;
         }
         Ok(())
+    }
+
+    /// `failover`: names another sink, which has no failover of its own (no chains, no
+    /// cycles), from a sink with an upstream, after a non-zero time.
+    fn check_failover(&self, context: &Context<'_>) -> Result<(), ConfigError> {
+        for (primary, failover) in &self.failover {
+            let to = failover.to.get_ref();
+            let key = format!("sinks.{primary}.failover");
+            let error = |message: String| context.error_at(failover.to.span(), &key, message);
+            if to == primary {
+                return Err(error(format!(
+                    "sink {primary:?} cannot fail over to itself; name another sink"
+                )));
+            }
+            if !self.sinks.contains_key(to) {
+                let sinks: Vec<&str> = self.sinks.keys().map(String::as_str).collect();
+                return Err(error(format!(
+                    "failover names no sink {to:?} (sinks: {sinks:?})"
+                )));
+            }
+            if let Some(next) = self.failover.get(to) {
+                return Err(error(format!(
+                    "sink {to:?} has a failover of its own ({to:?} → {:?}); failover does not \
+                     chain: name a sink without `failover`",
+                    next.to.get_ref()
+                )));
+            }
+            let sink = &self.sinks[primary];
+            if !sink.spec().has_upstream() {
+                return Err(error(format!(
+                    "a {:?} sink has no upstream that can be unreachable; only \
+                     \"mqtt\" sinks can fail over",
+                    sink.type_name()
+                )));
+            }
+            if failover.after().is_zero() {
+                return Err(context.error_at(
+                    failover.after.span(),
+                    &format!("sinks.{primary}.failover_after"),
+                    "must be more than 0s: every start and reconnect would fail over".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `sink` is some sink's failover (it may then have no inputs of its own).
+    fn is_failover_target(&self, sink: &str) -> bool {
+        self.failover
+            .values()
+            .any(|failover| failover.to.get_ref() == sink)
     }
 
     /// Every consumer's inputs, resolved to nodes; keys are `transforms.NAME` and
@@ -197,7 +275,12 @@ impl Components {
                 context.error_at(inputs.span(), &format!("{key}.inputs"), message)
             };
             if inputs.get_ref().is_empty() {
-                return Err(error("needs at least one input".into()));
+                let backup = key
+                    .strip_prefix("sinks.")
+                    .is_some_and(|sink| self.is_failover_target(sink));
+                if !backup {
+                    return Err(error("needs at least one input".into()));
+                }
             }
             let mut nodes = Vec::new();
             for input in inputs.get_ref() {
@@ -366,15 +449,30 @@ impl Components {
     /// Compiles the routing tree of every source: `intakes` are the sinks' intakes,
     /// `instances` the running transforms to use (the others are built from `services`).
     /// Each transform is in the graph once, shared by every path through it.
+    #[cfg(test)]
     pub fn compile(
         &self,
         intakes: &BTreeMap<String, Intake>,
         services: &TransformServices,
         instances: &BTreeMap<String, Arc<dyn EventTransform>>,
     ) -> Result<Compiled, ConfigError> {
+        self.compile_with_failover(intakes, &BTreeMap::new(), services, instances)
+    }
+
+    /// As [`Components::compile`], with the failover `switches` of the primary sinks: a
+    /// sink with a switch (and a failover sink among `intakes`) becomes one
+    /// [`Target::Failover`] hop; without one, its events always go to it.
+    pub fn compile_with_failover(
+        &self,
+        intakes: &BTreeMap<String, Intake>,
+        switches: &BTreeMap<String, Arc<FailoverSwitch>>,
+        services: &TransformServices,
+        instances: &BTreeMap<String, Arc<dyn EventTransform>>,
+    ) -> Result<Compiled, ConfigError> {
         let mut compiler = Compiler {
             components: self,
             intakes,
+            switches,
             services,
             instances,
             built: BTreeMap::new(),
@@ -413,6 +511,7 @@ fn named(name: &str, outputs: &[String]) -> String {
 struct Compiler<'a> {
     components: &'a Components,
     intakes: &'a BTreeMap<String, Intake>,
+    switches: &'a BTreeMap<String, Arc<FailoverSwitch>>,
     services: &'a TransformServices,
     instances: &'a BTreeMap<String, Arc<dyn EventTransform>>,
     built: BTreeMap<String, Arc<TransformNode>>,
@@ -440,11 +539,29 @@ impl Compiler<'_> {
         for (sink, config) in &self.components.sinks {
             if reads(config.spec().inputs()) {
                 if let Some(intake) = self.intakes.get(sink) {
-                    targets.push(Target::Sink(intake.clone()));
+                    targets.push(self.sink_target(sink, intake));
                 }
             }
         }
         Ok(targets)
+    }
+
+    /// The hop to `sink`: its intake, or a failover route when it has a failover sink.
+    fn sink_target(&self, sink: &str, intake: &Intake) -> Target {
+        let failover = self.components.failover.get(sink).and_then(|failover| {
+            Some((
+                self.switches.get(sink)?,
+                self.intakes.get(failover.to.get_ref())?,
+            ))
+        });
+        match failover {
+            Some((switch, backup)) => Target::Failover(Arc::new(FailoverRoute {
+                primary: intake.clone(),
+                backup: backup.clone(),
+                switch: Arc::clone(switch),
+            })),
+            None => Target::Sink(intake.clone()),
+        }
     }
 
     fn transform(&mut self, name: &str) -> Result<Arc<TransformNode>, ConfigError> {

@@ -9,6 +9,8 @@
 mod build;
 #[cfg(test)]
 mod config_tests;
+#[cfg(test)]
+mod failover_tests;
 mod graph;
 mod reload;
 mod shutdown;
@@ -33,6 +35,7 @@ use crate::devices::DeviceServices;
 use crate::devices::commands::CommandDispatcher;
 use crate::devices::directory::DeviceDirectory;
 use crate::net::limits::{FdReserve, PartialFrameBudget};
+use crate::sinks::failover::Failovers;
 use crate::telemetry::Metrics;
 use crate::telemetry::profiling::CpuProfiler;
 use crate::telemetry::profiling::http::DebugState;
@@ -64,6 +67,8 @@ pub struct Topology {
     pub sinks: BTreeMap<String, SinkHandle>,
     /// Running transforms: their instances, tickers and checkpoints.
     pub transforms: TransformRuntime,
+    /// The failover monitors of the sinks that name a failover sink.
+    pub failovers: Failovers,
 }
 
 impl Topology {
@@ -74,10 +79,17 @@ impl Topology {
             sinks.insert(name.clone(), SinkHandle::start(name, sink, &shared)?);
         }
         build::attach_deadletters(&shared.api, &sinks);
+        let failovers = Failovers::start(
+            &config.components.failover,
+            &shared.links,
+            &shared.metrics,
+            None,
+        );
         let mut transforms = TransformRuntime::new(&shared.data_dir, Arc::clone(&shared.metrics));
         let prepared = transforms.prepare(&config.components, &shared.transforms)?;
-        let compiled = config.components.compile(
+        let compiled = config.components.compile_with_failover(
             &build::intakes(&sinks),
+            &failovers.switches(),
             &shared.transforms,
             &prepared.transforms(),
         )?;
@@ -98,6 +110,7 @@ impl Topology {
             sources,
             sinks,
             transforms,
+            failovers,
         };
         topology.publish();
         Ok(topology)
@@ -118,6 +131,25 @@ impl Topology {
                 .set(i64::try_from(buffer.bytes).unwrap_or(i64::MAX));
             tracing::warn!(sink = %buffer.sink, path = %buffer.path, bytes = buffer.bytes, "buffer of a sink no longer configured is kept on disk; delete it by hand when it is not needed");
         }
+        self.shared
+            .api
+            .config
+            .show_sinks(crate::api::sinks::SinkBoard {
+                sinks: self
+                    .sinks
+                    .iter()
+                    .map(|(name, sink)| crate::api::sinks::BoardEntry {
+                        name: name.clone(),
+                        r#type: sink.config.type_name(),
+                        link: sink
+                            .config
+                            .spec()
+                            .has_upstream()
+                            .then(|| self.shared.links.get(name)),
+                    })
+                    .collect(),
+                failovers: self.failovers.view(),
+            });
         self.shared.api.config.show(ConfigView {
             hash: self.config.hash.clone(),
             config: self.config.redacted(),
@@ -251,6 +283,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             metrics: Arc::clone(&metrics),
             alarms,
         },
+        links: crate::sinks::link::SinkLinks::default(),
     });
     let grace = settings.gateway.shutdown_grace.0;
     let checkpoint_interval = settings.gateway.checkpoint_interval.0;

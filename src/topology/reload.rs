@@ -25,6 +25,7 @@ use super::shutdown::TaskGroup;
 use crate::api::config::ReloadReport;
 use crate::pipeline::intake;
 use crate::sinks::SinkConfig;
+use crate::sinks::failover::Failovers;
 
 /// How often `--watch` looks at the config file.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -138,13 +139,25 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             return Err(err.to_string());
         }
     };
-    let compiled = new
-        .components
-        .compile(&intakes, &shared.transforms, &prepared.transforms());
+    // The new failover monitors run beside the old ones until the commit; a primary in
+    // both keeps its switch.
+    let failovers = Failovers::start(
+        &new.components.failover,
+        &shared.links,
+        &shared.metrics,
+        Some(&topology.failovers),
+    );
+    let compiled = new.components.compile_with_failover(
+        &intakes,
+        &failovers.switches(),
+        &shared.transforms,
+        &prepared.transforms(),
+    );
     drop(intakes);
     let (mut routes, nodes) = match compiled {
         Ok(compiled) => (compiled.routes, compiled.nodes),
         Err(err) => {
+            failovers.stop().await;
             stop_sinks(added_sinks).await;
             return Err(err.to_string());
         }
@@ -157,6 +170,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             }
             Err(err) => {
                 drop(pending);
+                failovers.stop().await;
                 stop_sinks(added_sinks).await;
                 return Err(format!("{err:#}"));
             }
@@ -164,6 +178,9 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
     }
 
     // Commit.
+    std::mem::replace(&mut topology.failovers, failovers)
+        .stop()
+        .await;
     for name in &plan.sinks_restarted {
         if let Some(sink) = topology.sinks.get_mut(name) {
             sink.restart_sink(name, &new.components.sinks[name], &shared)
@@ -248,8 +265,15 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
         }
     }
     stop_sinks(removed_sinks).await;
+    shared
+        .links
+        .retain(|name| topology.sinks.contains_key(name));
 
-    let changed = !plan.is_empty() || !transforms.is_empty();
+    let failovers_changed: Vec<String> = failover_changes(&topology.config, &new)
+        .into_iter()
+        .filter(|name| !plan.sinks_restarted.contains(name) && !plan.sinks_reopened.contains(name))
+        .collect();
+    let changed = !plan.is_empty() || !transforms.is_empty() || !failovers_changed.is_empty();
     topology.config = std::sync::Arc::new(new);
     build::attach_deadletters(&shared.api, &topology.sinks);
     topology.publish();
@@ -270,6 +294,7 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             .chain(keys("transforms", &transforms.changed))
             .chain(keys("sinks", &plan.sinks_restarted))
             .chain(keys("sinks", &plan.sinks_reopened))
+            .chain(keys("sinks", &failovers_changed))
             .collect(),
         removed: keys("sources", &plan.sources_removed)
             .chain(keys("transforms", &transforms.removed))
@@ -277,6 +302,18 @@ async fn apply(topology: &mut Topology, path: Option<&Path>) -> Result<ReloadRep
             .collect(),
         tls_reloaded,
     })
+}
+
+/// Sinks kept by `new` whose `failover` or `failover_after` changed (a routing change,
+/// applied by the new routes without touching the sink).
+fn failover_changes(old: &Config, new: &Config) -> Vec<String> {
+    let (old, new) = (&old.components, &new.components);
+    new.sinks
+        .keys()
+        .filter(|name| old.sinks.contains_key(*name))
+        .filter(|name| old.failover.get(*name) != new.failover.get(*name))
+        .cloned()
+        .collect()
 }
 
 /// Transforms added, changed and removed by `new` (for the report).

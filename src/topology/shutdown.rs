@@ -113,6 +113,8 @@ pub async fn shutdown(
     let sinks_done = tokio::time::timeout_at(sinks_deadline, sinks_stopped)
         .await
         .is_ok();
+    // Nothing is routed any more: the failover switches have no reader.
+    topology.failovers.stop().await;
     if sinks_done {
         tracing::info!("sinks stopped");
     } else {

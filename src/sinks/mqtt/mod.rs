@@ -103,6 +103,8 @@ pub struct MqttSinkContext {
     pub data_dir: PathBuf,
     /// Metrics registry.
     pub metrics: Arc<Metrics>,
+    /// The link's health, for failover: up while a connection is healthy.
+    pub link: crate::sinks::link::LinkHealth,
 }
 
 /// The sink's state between events.
@@ -393,6 +395,9 @@ impl MqttSink<'_> {
 
     async fn run(&mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.config.reconnect_min.0, self.config.reconnect_max.0);
+        // Not connected yet; a link already down (a restart on reload) stays down since
+        // its failure.
+        self.context.link.report(false);
         while !shutdown.is_cancelled() {
             let connect = ConnectOut {
                 client_id: &self.client_id,
@@ -430,6 +435,7 @@ impl MqttSink<'_> {
                 }
             }
             self.connected_gauge.set(0);
+            self.context.link.report(false);
             let delay = backoff.next_delay();
             tracing::debug!(
                 sink = self.buffer.sink(),
@@ -478,6 +484,9 @@ impl MqttSink<'_> {
         let mut last_sent = Instant::now();
         let mut ping_sent: Option<Instant> = None;
         let mut healthy = !backoff.in_outage();
+        if healthy {
+            self.context.link.report(true);
+        }
         // Long-lived waits: made anew in every loop, each would be registered and dropped
         // once per event.
         let shutdown_wait = shutdown.cancelled();
@@ -536,6 +545,10 @@ impl MqttSink<'_> {
                     ping_sent = None;
                     match self.on_readable(&mut connection).await {
                         Ok(acked) => {
+                            if acked {
+                                // An ack proves the link (failover's notion of healthy).
+                                self.context.link.report(true);
+                            }
                             if acked && !healthy {
                                 healthy = true;
                                 backoff.reset();
@@ -551,6 +564,11 @@ impl MqttSink<'_> {
                     if !healthy && now >= connected_at + HEALTHY_AFTER {
                         healthy = true;
                         backoff.reset();
+                    }
+                    // Quiet time proves the link only when nothing waits for an ack: a
+                    // broker that accepts connects but withholds acks stays down.
+                    if healthy && self.inflight.count() == 0 {
+                        self.context.link.report(true);
                     }
                     if ping_sent.is_some_and(|sent| now >= sent + keep_alive) {
                         return Ended::Lost(LinkError::Unresponsive(
@@ -1142,6 +1160,10 @@ impl SinkSpec for MqttSinkConfig {
         true
     }
 
+    fn has_upstream(&self) -> bool {
+        true
+    }
+
     fn watched_files(&self) -> Vec<PathBuf> {
         self.tls
             .iter()
@@ -1166,6 +1188,7 @@ impl SinkSpec for MqttSinkConfig {
                 deadletters,
                 data_dir: context.data_dir,
                 metrics: context.metrics,
+                link: context.link,
             };
             if let Err(err) = run(context.buffer, &config, sink_context, context.stop).await {
                 tracing::error!(sink = %context.name, error = %err, "sink failed");
