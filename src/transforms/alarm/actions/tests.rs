@@ -39,11 +39,15 @@ struct Harness {
 }
 
 fn harness(text: &str, commands: Option<Arc<CommandDispatcher>>) -> Harness {
-    let services = ActionServices::new(
-        Arc::default(),
-        Arc::new(DeviceDirectory::default()),
-        commands,
-    );
+    harness_on(text, Arc::new(DeviceDirectory::default()), commands)
+}
+
+fn harness_on(
+    text: &str,
+    directory: Arc<DeviceDirectory>,
+    commands: Option<Arc<CommandDispatcher>>,
+) -> Harness {
+    let services = ActionServices::new(Arc::default(), directory, commands);
     let metrics = Metrics::new();
     let status = Arc::new(ActionStatus::new(100));
     let set = ActionSet::start(
@@ -264,4 +268,109 @@ fn command_ids_stay_in_the_registry_alphabet_and_length() {
     let long = command_id(&"r".repeat(300), &job("d", Transition::Raise, 7));
     assert_eq!(long.len(), 128);
     assert!(long.ends_with(".d.raise.7"));
+}
+
+/// With `[registry]` the command goes through the lifecycle (queued, sent, result) and
+/// the action follows it: the device's "ok" is a success, its error and an expiry are
+/// failures naming why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_registry_the_command_is_followed_to_its_end_state() {
+    use fieldgate_registry::{NewDevice, Registry, RegistryOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry = Arc::new(
+        Registry::open(RegistryOptions::new(
+            dir.path().join("r.redb"),
+            "gw".to_owned(),
+        ))
+        .expect("registry"),
+    );
+    registry
+        .add_device(NewDevice {
+            id: Some("plc-1".into()),
+            ..NewDevice::default()
+        })
+        .expect("add plc-1");
+    let directory = Arc::new(DeviceDirectory::default());
+    let dispatcher = Arc::new(CommandDispatcher::new(
+        Arc::clone(&registry),
+        Arc::clone(&directory),
+    ));
+    let expiry = CancellationToken::new();
+    let sweeper = tokio::spawn(Arc::clone(&dispatcher).run_expiry(expiry.clone()));
+    let harness = harness_on(
+        r#"[[actions]]
+type = "command"
+device = "plc-1"
+command = "write"
+args = { point = "fan", value = true }
+ttl = "1s""#,
+        Arc::clone(&directory),
+        Some(Arc::clone(&dispatcher)),
+    );
+    let signal = Arc::new(ConnectionSignal::default());
+    let plc = DeviceId::new("plc-1");
+    directory.register(plc.clone(), 1, &signal);
+
+    // The device answers ok: success.
+    let answer = |status: &'static str| {
+        let (directory, dispatcher, signal, plc) = (
+            Arc::clone(&directory),
+            Arc::clone(&dispatcher),
+            Arc::clone(&signal),
+            plc.clone(),
+        );
+        async move {
+            let command = loop {
+                match directory.take_command(1) {
+                    Some(command) => break command,
+                    None => signal.commands_waiting().await,
+                }
+            };
+            dispatcher.delivered(&plc, &command.id).await;
+            let frame = serde_json::json!({"type": "command_result", "id": command.id, "status": status, "error": "coil jammed"});
+            dispatcher
+                .result(&plc, &command.id, frame.to_string().as_bytes())
+                .await;
+            command.id
+        }
+    };
+    harness.set.fire(&job("boiler-1", Transition::Raise, 1000));
+    let id = tokio::time::timeout(WAIT, answer("ok"))
+        .await
+        .expect("command");
+    harness.wait_count("successes", "command", 1).await;
+    assert_eq!(
+        registry.get_command("plc-1", &id).map(|c| c.state),
+        Some(CommandState::Succeeded)
+    );
+
+    // The device answers with an error: a failure with the device's reason.
+    harness.set.fire(&job("boiler-1", Transition::Clear, 2000));
+    tokio::time::timeout(WAIT, answer("error"))
+        .await
+        .expect("command");
+    harness.wait_count("failures", "command", 1).await;
+    let shown = harness.status.of(&DeviceId::new("boiler-1"));
+    assert!(shown[0].error.contains("coil jammed"), "{shown:?}");
+    assert_eq!(shown[0].on, "clear");
+
+    // Offline past the TTL: queued, then expired, a failure.
+    directory.unregister(&plc, 1);
+    harness.set.fire(&job("boiler-2", Transition::Raise, 3000));
+    harness.wait_count("failures", "command", 2).await;
+    let shown = harness.status.of(&DeviceId::new("boiler-2"));
+    assert!(shown[0].error.contains("expired"), "{shown:?}");
+
+    // An unknown target device is refused by the registry at once.
+    let unknown = harness_on(
+        "[[actions]]\ntype = \"command\"\ncommand = \"reboot\"",
+        Arc::clone(&directory),
+        Some(Arc::clone(&dispatcher)),
+    );
+    unknown.set.fire(&job("ghost-9", Transition::Raise, 4000));
+    unknown.wait_count("failures", "command", 1).await;
+    let shown = unknown.status.of(&DeviceId::new("ghost-9"));
+    assert!(shown[0].error.contains("ghost-9"), "{shown:?}");
+    expiry.cancel();
+    sweeper.await.expect("sweeper");
 }
