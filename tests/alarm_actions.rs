@@ -393,6 +393,19 @@ fn check_refuses_an_mqtt_action_without_a_broker_source() {
         stderr.contains("transforms.overheat.actions[0].broker"),
         "{stderr}"
     );
+    let https = "[[transforms.overheat.actions]]\ntype = \"webhook\"\nurl = \"https://hooks.example.com/x\"";
+    let output = run_check(layout.render(https, false));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = run_check(layout.render(&format!("{https}\nca = \"/nonexistent/ca.pem\""), false));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("transforms.overheat.actions[0].ca"),
+        "{stderr}"
+    );
     let output = run_check(layout.render(&actions(layout.hook), true));
     assert!(
         output.status.success(),

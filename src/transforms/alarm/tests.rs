@@ -376,8 +376,12 @@ fn hostile_action_configs_are_refused_with_their_key() {
     for (body, key) in [
         ("type = \"webhook\"", "transforms.t.actions[0].url"),
         (
-            "type = \"webhook\"\nurl = \"https://x/\"",
-            "transforms.t.actions[0].url",
+            "type = \"webhook\"\nurl = \"https://x/\"\nca = \"/nonexistent/ca.pem\"",
+            "transforms.t.actions[0].ca",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://x/\"\nca = \"/etc/hostname\"",
+            "transforms.t.actions[0].ca",
         ),
         (
             "type = \"webhook\"\nurl = \"ftp://x/\"",

@@ -4,6 +4,7 @@
 //! One flat table per action, `type` choosing the kind; a key that does not apply to the
 //! type is refused (as the detectors' keys are), so a typo never turns into a default.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -107,8 +108,11 @@ pub struct ActionConfig {
     pub args: Option<serde_json::Value>,
     /// command: how long the command may wait for its device (default 5m).
     pub ttl: Option<HumanDuration>,
-    /// webhook: `http://host:port/path`.
+    /// webhook: `http[s]://host:port/path`.
     pub url: Option<String>,
+    /// webhook: CA file (PEM) an `https://` receiver's certificate must chain to
+    /// (default: the system's roots).
+    pub ca: Option<PathBuf>,
     /// webhook: further attempts after a failed one (default 3).
     pub retries: Option<u32>,
     /// webhook: time allowed per attempt (default 5s).
@@ -253,7 +257,7 @@ impl ActionConfig {
         let allowed: &[&str] = match self.kind {
             ActionKind::Mqtt => &["topic", "broker", "qos", "retain"],
             ActionKind::Command => &["device", "command", "args", "ttl"],
-            ActionKind::Webhook => &["url", "retries", "timeout", "backoff"],
+            ActionKind::Webhook => &["url", "ca", "retries", "timeout", "backoff"],
         };
         let given = [
             ("topic", self.topic.is_some()),
@@ -265,6 +269,7 @@ impl ActionConfig {
             ("args", self.args.is_some()),
             ("ttl", self.ttl.is_some()),
             ("url", self.url.is_some()),
+            ("ca", self.ca.is_some()),
             ("retries", self.retries.is_some()),
             ("timeout", self.timeout.is_some()),
             ("backoff", self.backoff.is_some()),
@@ -405,8 +410,11 @@ impl ActionConfig {
                     Duration::from_millis(500),
                     BACKOFF_RANGE,
                 )?;
-                let endpoint = Endpoint::parse(url, timeout, retries, backoff)
-                    .map_err(|why| err("url", why))?;
+                if self.ca.is_some() && !url.starts_with("https://") {
+                    return Err(err("ca", "is for an https:// url".into()));
+                }
+                let endpoint = Endpoint::parse(url, self.ca.as_deref(), timeout, retries, backoff)
+                    .map_err(|why| err(if why.starts_with("ca ") { "ca" } else { "url" }, why))?;
                 Target::Webhook(endpoint)
             }
         };

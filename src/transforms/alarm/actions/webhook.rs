@@ -5,15 +5,18 @@
 //! refused this payload, sending it again would not help); anything else (5xx, no
 //! answer, a closed or reset connection, a malformed answer) is retried.
 //!
-//! `http://` only: a local receiver (a PLC gateway, a siren controller, a script) is the
-//! use; the answer's body is not read beyond its head.
+//! `http://` and `https://` (rustls; the system's roots, or the action's `ca` file); the
+//! answer's body is not read beyond its head.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, USER_AGENT};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 /// Longest delay between two attempts.
@@ -22,10 +25,15 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const MAX_URL: usize = 2048;
 
 /// A checked webhook target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Endpoint {
     /// The URL as configured (for errors and logs).
     pub url: String,
+    /// TLS for an `https://` URL, with its server name.
+    tls: Option<(
+        Arc<rustls::ClientConfig>,
+        rustls::pki_types::ServerName<'static>,
+    )>,
     host: String,
     port: u16,
     /// Path and query.
@@ -60,9 +68,11 @@ enum Attempt {
 }
 
 impl Endpoint {
-    /// Checks `url` (`http://host[:port][/path]`).
+    /// Checks `url` (`http[s]://host[:port][/path]`); an `https://` URL trusts `ca` (a
+    /// PEM file), or the system's roots without it.
     pub fn parse(
         url: &str,
+        ca: Option<&Path>,
         timeout: Duration,
         retries: u32,
         backoff: Duration,
@@ -73,16 +83,14 @@ impl Endpoint {
         if url.chars().any(|c| c.is_control() || c.is_whitespace()) {
             return Err("contains whitespace or control characters".into());
         }
-        let rest = match url.strip_prefix("http://") {
-            Some(rest) => rest,
-            None if url.starts_with("https://") => {
-                return Err(
-                    "https:// is not supported: use an http:// receiver on the gateway's network"
-                        .into(),
-                );
-            }
-            None => return Err(format!("{url:?} must start with http://")),
+        let (rest, secure) = match (url.strip_prefix("http://"), url.strip_prefix("https://")) {
+            (Some(rest), _) => (rest, false),
+            (_, Some(rest)) => (rest, true),
+            _ => return Err(format!("{url:?} must start with http:// or https://")),
         };
+        if ca.is_some() && !secure {
+            return Err("`ca` is for an https:// url".into());
+        }
         let (authority, path) = match rest.find(['/', '?']) {
             Some(at) => (&rest[..at], &rest[at..]),
             None => (rest, "/"),
@@ -92,6 +100,7 @@ impl Endpoint {
         } else {
             path.to_owned()
         };
+        let default_port = if secure { 443 } else { 80 };
         if authority.contains('@') {
             return Err("credentials in the URL are not supported".into());
         }
@@ -101,14 +110,14 @@ impl Endpoint {
                 .ok_or_else(|| "an IPv6 host without its `]`".to_owned())?;
             let port = match after.strip_prefix(':') {
                 Some(port) => parse_port(port)?,
-                None if after.is_empty() => 80,
+                None if after.is_empty() => default_port,
                 None => return Err("garbage after the IPv6 host".into()),
             };
             (host, port)
         } else {
             match authority.rsplit_once(':') {
                 Some((host, port)) => (host, parse_port(port)?),
-                None => (authority, 80),
+                None => (authority, default_port),
             }
         };
         if host.is_empty() {
@@ -117,8 +126,23 @@ impl Endpoint {
         if path.parse::<hyper::Uri>().is_err() {
             return Err(format!("{path:?} is not a valid path"));
         }
+        let tls = if secure {
+            let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                .map_err(|err| format!("{host:?} is not a TLS server name: {err}"))?;
+            // `fieldgate check` and tests may get here before `run` installed the
+            // process's provider; installing the same one again is a no-op.
+            drop(rustls::crypto::ring::default_provider().install_default());
+            let config = crate::net::tls::client_config(ca, None).map_err(|err| match ca {
+                Some(ca) => format!("ca {}: {err}", ca.display()),
+                None => err.to_string(),
+            })?;
+            Some((config, name))
+        } else {
+            None
+        };
         Ok(Self {
             url: url.to_owned(),
+            tls,
             host: host.to_owned(),
             port,
             path,
@@ -181,6 +205,23 @@ impl Endpoint {
             Ok(stream) => stream,
             Err(err) => return Attempt::Retry(format!("cannot connect: {err}")),
         };
+        match &self.tls {
+            None => self.exchange(stream, body).await,
+            Some((config, name)) => {
+                let connector = tokio_rustls::TlsConnector::from(Arc::clone(config));
+                match connector.connect(name.clone(), stream).await {
+                    Ok(stream) => self.exchange(stream, body).await,
+                    Err(err) => Attempt::Retry(format!("TLS handshake: {err}")),
+                }
+            }
+        }
+    }
+
+    /// One request and the head of its answer over `stream`.
+    async fn exchange<S>(&self, stream: S, body: &Bytes) -> Attempt
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (mut sender, connection) =
             match hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
                 .await

@@ -98,6 +98,7 @@ async fn receiver(script: Vec<Behaviour>) -> Receiver {
 fn endpoint(port: u16, retries: u32) -> Endpoint {
     Endpoint::parse(
         &format!("http://127.0.0.1:{port}/hook?x=1"),
+        None,
         Duration::from_millis(300),
         retries,
         Duration::from_millis(10),
@@ -173,6 +174,7 @@ async fn shutdown_abandons_the_retries() {
     stop.cancel();
     let slow = Endpoint::parse(
         &format!("http://127.0.0.1:{}/", receiver.port),
+        None,
         Duration::from_secs(1),
         10,
         Duration::from_secs(30),
@@ -191,8 +193,15 @@ async fn shutdown_abandons_the_retries() {
 
 #[test]
 fn parses_urls_and_refuses_hostile_ones() {
-    let parse =
-        |url: &str| Endpoint::parse(url, Duration::from_secs(1), 0, Duration::from_millis(10));
+    let parse = |url: &str| {
+        Endpoint::parse(
+            url,
+            None,
+            Duration::from_secs(1),
+            0,
+            Duration::from_millis(10),
+        )
+    };
     let ok = parse("http://127.0.0.1:9000/hook").expect("valid");
     assert_eq!(
         (ok.host.as_str(), ok.port, ok.path.as_str()),
@@ -207,7 +216,6 @@ fn parses_urls_and_refuses_hostile_ones() {
     );
     let long = format!("http://h/{}", "a".repeat(3000));
     for bad in [
-        "https://example.com/hook",
         "ftp://x/",
         "127.0.0.1:9000",
         "http://",
@@ -223,4 +231,119 @@ fn parses_urls_and_refuses_hostile_ones() {
     ] {
         assert!(parse(bad).is_err(), "{bad:?} accepted");
     }
+}
+
+/// `https://`: a receiver whose certificate chains to the action's `ca` gets the POST; a
+/// client without that CA refuses the receiver (a failure, retried), and a `ca` file that
+/// is not a certificate is refused at check.
+#[tokio::test]
+async fn https_trusts_the_configured_ca_and_refuses_others() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    drop(rustls::crypto::ring::default_provider().install_default());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    let write = |name: &str, text: String| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    };
+    let (ca_path, cert_path, key_path) = (
+        write("ca.pem", ca.pem()),
+        write("cert.pem", cert.pem()),
+        write("key.pem", key.serialize_pem()),
+    );
+    let acceptor = crate::net::tls::acceptor(&cert_path, &key_path, None).expect("acceptor");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&bodies);
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            let Ok(mut stream) = acceptor.accept(socket).await else {
+                continue;
+            };
+            let mut buffer = vec![0u8; 4096];
+            let mut read = 0;
+            while !String::from_utf8_lossy(&buffer[..read]).ends_with("{}") {
+                match stream.read(&mut buffer[read..]).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => read += n,
+                }
+            }
+            seen.lock()
+                .expect("lock")
+                .push(String::from_utf8_lossy(&buffer[..read]).into_owned());
+            drop(
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                    .await,
+            );
+            drop(stream.shutdown().await);
+        }
+    });
+    let url = format!("https://localhost:{port}/hook");
+    let trusting = Endpoint::parse(
+        &url,
+        Some(&ca_path),
+        Duration::from_secs(5),
+        0,
+        Duration::from_millis(10),
+    )
+    .expect("valid");
+    trusting
+        .deliver(&Bytes::from_static(b"{}"), &CancellationToken::new(), || {})
+        .await
+        .expect("delivered over TLS");
+    let request = bodies.lock().expect("lock").clone();
+    assert_eq!(request.len(), 1);
+    assert!(request[0].starts_with("POST /hook HTTP/1.1"), "{request:?}");
+
+    let system_roots = Endpoint::parse(
+        &url,
+        None,
+        Duration::from_secs(5),
+        1,
+        Duration::from_millis(10),
+    )
+    .expect("valid");
+    let err = system_roots
+        .deliver(&Bytes::from_static(b"{}"), &CancellationToken::new(), || {})
+        .await
+        .expect_err("an unknown issuer");
+    assert_eq!(err.attempts, 2);
+    assert!(err.last.starts_with("TLS handshake"), "{err}");
+
+    let not_pem = write("junk.pem", "not a certificate".into());
+    assert!(
+        Endpoint::parse(
+            &url,
+            Some(&not_pem),
+            Duration::from_secs(1),
+            0,
+            Duration::from_millis(10)
+        )
+        .is_err()
+    );
+    assert!(
+        Endpoint::parse(
+            "http://h/",
+            Some(&ca_path),
+            Duration::from_secs(1),
+            0,
+            Duration::from_millis(10)
+        )
+        .is_err()
+    );
+    server.abort();
 }
