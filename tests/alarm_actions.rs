@@ -4,7 +4,9 @@
 //! `command_result` reaches the sink; a webhook receiver written here answers 500, hangs,
 //! closes without answering, then 200 (the action retries and succeeds), and later
 //! fails for good (counted, and the error is shown on the alarm by `/api/v1/alarms`).
-//! `fieldgate check` refuses an mqtt action without an `mqtt_broker` source.
+//! A Modbus PLC (tests/fixtures/modbus_sim.py) that overheats gets its fan coil written
+//! by the alarm's `write` command, read back by the next poll. `fieldgate check` refuses an
+//! mqtt action without an `mqtt_broker` source.
 
 mod common;
 
@@ -412,4 +414,171 @@ fn check_refuses_an_mqtt_action_without_a_broker_source() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The Python with pymodbus (target/pyenv, or `FIELDGATE_PYTHON`), or `None`.
+fn pymodbus() -> Option<std::path::PathBuf> {
+    let python = std::env::var_os("FIELDGATE_PYTHON").map_or_else(
+        || {
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+                || std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+                std::path::PathBuf::from,
+            );
+            target.join("pyenv").join("bin").join("python")
+        },
+        std::path::PathBuf::from,
+    );
+    let ok = Command::new(&python)
+        .args(["-c", "import pymodbus.simulator"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED: pymodbus is not installed for {}; run scripts/test.sh",
+            python.display()
+        );
+    }
+    ok.then_some(python)
+}
+
+/// modbus_sim.py, killed on drop.
+struct Sim(std::process::Child, Arc<Mutex<Vec<String>>>);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        drop(self.0.kill());
+        drop(self.0.wait());
+    }
+}
+
+async fn modbus_sim(python: &std::path::Path, spec: &Value) -> Sim {
+    use std::io::BufRead as _;
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/modbus_sim.py");
+    let mut child = Command::new(python)
+        .arg(script)
+        .arg(spec.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start modbus_sim.py");
+    let stdout = child.stdout.take().expect("stdout");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&lines);
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().expect("lock").push(line);
+        }
+    });
+    let sim = Sim(child, lines);
+    let ready = eventually(Duration::from_secs(30), || {
+        sim.1
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|line| line.starts_with("READY"))
+            .then_some(())
+    })
+    .await;
+    assert!(ready.is_some(), "modbus_sim.py not ready within 30s");
+    sim
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overheating_modbus_plc_gets_its_fan_coil_written() {
+    let Some(python) = pymodbus() else { return };
+    let port = free_port();
+    // temp = 905 × 0.1 = 90.5 °C: the first poll raises the alarm; the fan coil is off.
+    let _sim = modbus_sim(
+        &python,
+        &json!({"mode": "tcp", "port": port, "devices": [{"unit": 1, "holding": {"0": 905}, "coils": {"3": false}}]}),
+    )
+    .await;
+    let config = format!(
+        r#"[gateway]
+id = "gw-plc"
+shutdown_grace = "5s"
+
+[api]
+address = "127.0.0.1:{api}"
+admin_token = "{ADMIN}"
+
+[sources.plc]
+type = "modbus_tcp"
+address = "127.0.0.1:{port}"
+device = "plc-1"
+poll_interval = "100ms"
+report_on_change = true
+
+[[sources.plc.points]]
+name = "temp"
+area = "holding"
+address = 0
+type = "u16"
+scale = 0.1
+
+[[sources.plc.points]]
+name = "fan"
+area = "coil"
+address = 3
+type = "bool"
+writable = true
+
+[transforms.overheat]
+type = "alarm"
+inputs = ["plc"]
+detector = "threshold"
+field = "temp"
+above = 80.0
+clear_below = 75.0
+
+[[transforms.overheat.actions]]
+type = "command"
+on = ["raise"]
+command = "write"
+args = {{ fan = true }}
+
+[sinks.out]
+type = "file"
+inputs = ["overheat"]
+format = "envelope"
+"#,
+        api = free_port(),
+    );
+    let gateway = Gateway::start(&config).await;
+    let output = gateway.data_dir.join("sinks").join("out");
+    let result = eventually(WAIT, || {
+        sink_lines(&output).into_iter().find(|line| {
+            line["kind"] == "command_result"
+                && line["payload"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with("alarm.overheat.plc-1.raise."))
+        })
+    })
+    .await
+    .unwrap_or_else(|| panic!("no command_result\n{}", gateway.stderr_tail(30)));
+    assert_eq!(result["payload"]["status"], "ok", "{result}");
+    // The next polls read the coil back on.
+    let read_back = eventually(WAIT, || {
+        sink_lines(&output)
+            .into_iter()
+            .find(|line| line["kind"] == "telemetry" && line["payload"]["fan"] == true)
+    })
+    .await;
+    assert!(
+        read_back.is_some(),
+        "fan never read back on\n{}",
+        gateway.stderr_tail(30)
+    );
+    gateway
+        .wait_metric(
+            "fieldgate_alarm_action_successes_total",
+            &[("rule", "overheat"), ("action", "command")],
+            WAIT,
+            |v| v == 1.0,
+        )
+        .await;
 }
