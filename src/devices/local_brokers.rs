@@ -3,7 +3,9 @@
 //!
 //! A broker source attaches itself when it starts; the map holds it weakly, so a source
 //! stopped or replaced by a reload is gone as soon as its task drops it, and a publish
-//! to it fails with "not running" instead of keeping a dead broker alive.
+//! to it fails with "not running" instead of keeping a dead broker alive. While a reload
+//! is under way a name may have two instances (running and prepared): the newest alive
+//! answers, so a prepared one that is thrown away leaves the running one reachable.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
@@ -45,15 +47,33 @@ pub trait LocalPublish: Send + Sync {
 /// The running brokers by source name, weakly.
 #[derive(Default)]
 pub struct LocalBrokers {
-    brokers: Mutex<BTreeMap<String, Weak<dyn LocalPublish>>>,
+    brokers: Mutex<BTreeMap<String, Vec<Weak<dyn LocalPublish>>>>,
 }
 
 impl LocalBrokers {
     /// Makes broker source `name` reachable (a restarted source replaces its old self).
     pub fn attach(&self, name: &str, broker: Weak<dyn LocalPublish>) {
         let mut brokers = self.brokers.lock().unwrap_or_else(PoisonError::into_inner);
-        brokers.retain(|_, broker| broker.strong_count() > 0);
-        brokers.insert(name.to_owned(), broker);
+        brokers.retain(|_, instances| {
+            instances.retain(|instance| instance.strong_count() > 0);
+            !instances.is_empty()
+        });
+        brokers.entry(name.to_owned()).or_default().push(broker);
+    }
+
+    /// The newest live instance of each broker, by name.
+    fn live(&self) -> BTreeMap<String, Arc<dyn LocalPublish>> {
+        self.brokers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(|(name, instances)| {
+                Some((
+                    name.clone(),
+                    instances.iter().rev().find_map(Weak::upgrade)?,
+                ))
+            })
+            .collect()
     }
 
     /// Publishes through broker source `name`.
@@ -66,11 +86,8 @@ impl LocalBrokers {
         retain: bool,
     ) -> Result<usize, LocalPublishError> {
         let broker = self
-            .brokers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .and_then(Weak::upgrade)
+            .live()
+            .remove(name)
             .ok_or_else(|| LocalPublishError::NotRunning(name.to_owned()))?;
         broker.publish(topic, payload, qos, retain)
     }
@@ -83,13 +100,7 @@ impl LocalBrokers {
         qos: u8,
         retain: bool,
     ) -> Result<usize, LocalPublishError> {
-        let running: Vec<Arc<dyn LocalPublish>> = self
-            .brokers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .filter_map(Weak::upgrade)
-            .collect();
+        let running: Vec<Arc<dyn LocalPublish>> = self.live().into_values().collect();
         match running.as_slice() {
             [broker] => broker.publish(topic, payload, qos, retain),
             _ => Err(LocalPublishError::NotOne(running.len())),
