@@ -6,6 +6,9 @@
 //! The alarm event's payload (documented in docs/RULES.md, "Alarms"):
 //! `{"rule", "device", "detector", "field", "state": "raised"|"cleared", "severity",
 //! "value", "threshold", "since", "at", "acknowledged"}`.
+//!
+//! A raise or clear also feeds the rule's local actions ([`actions`]: mqtt, command,
+//! webhook), queued without waiting; they run on their own tasks.
 
 pub(crate) mod actions;
 mod board;
