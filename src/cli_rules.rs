@@ -149,6 +149,7 @@ fn test(
         registry: None,
         metrics: metrics.clone(),
         alarms: Arc::default(),
+        actions: None,
     };
     let transform = rule
         .build_sql(name, &services)

@@ -25,6 +25,7 @@ fn config() -> String {
              [transforms.shape]\ntype = \"remap\"\ninputs = [\"keep\"]\nset = { site = \"a\" }\n\n\
              [transforms.hot]\ntype = \"alarm\"\ninputs = [\"shape\"]\ndetector = \"threshold\"\n\
              field = \"temp\"\nabove = 80.0\n\n\
+             [[transforms.hot.actions]]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\n\n\
              [sinks.archive]\ntype = \"file\"\ninputs = [\"devices\", \"hot\"]",
         )
         .render()

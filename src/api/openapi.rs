@@ -18,7 +18,7 @@ use super::problem::Problem;
 use super::provisioning::CreatedProvisioningToken;
 use super::registration::RefreshRequest;
 use super::{admin, alarms, commands, devices, ingest, provisioning, registration};
-use crate::transforms::alarm::{Alarm, AlarmState};
+use crate::transforms::alarm::{ActionFailure, Alarm, AlarmState};
 
 /// The document; `ApiDoc::openapi()` builds it.
 #[derive(OpenApi)]
@@ -42,7 +42,7 @@ use crate::transforms::alarm::{Alarm, AlarmState};
         Problem, Device, DevicePage, DevicePatch, DeviceStatus, DeviceStatusView, NewDevice,
         Provisioned, Tokens, NewProvisioningToken, ProvisioningToken, CreatedProvisioningToken,
         Challenge, Registration, RefreshRequest, NewCommand, Command, CommandState, Accepted,
-        TelemetryBody, JwtKeyRotated, Alarm, AlarmState, AlarmList,
+        TelemetryBody, JwtKeyRotated, Alarm, AlarmState, AlarmList, ActionFailure,
     )),
     modifiers(&SecuritySchemes),
     tags(

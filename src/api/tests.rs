@@ -1082,6 +1082,7 @@ async fn alarms_are_listed_filtered_and_acknowledged() {
         registry: None,
         metrics: Arc::clone(&harness.metrics),
         alarms: Arc::clone(&harness.alarms),
+        actions: None,
     };
     let text = "inputs = [\"d\"]\ndetector = \"threshold\"\nfield = \"temp\"\nabove = 80.0";
     let config: AlarmConfig = toml::from_str(text).unwrap_or_else(|err| panic!("{err}"));

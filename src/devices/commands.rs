@@ -77,6 +77,12 @@ impl CommandDispatcher {
             .unwrap_or(queued))
     }
 
+    /// The command `command_id` of `device` as the registry has it now (an in-memory
+    /// read), for callers that follow a command to its end state.
+    pub fn status(&self, device: &str, command_id: &str) -> Option<Command> {
+        self.registry.get_command(device, command_id)
+    }
+
     /// Hands every queued command of `device` to its connection (called when it connects).
     pub async fn deliver_pending(self: &Arc<Self>, device: &DeviceId) {
         let this = Arc::clone(self);

@@ -4,6 +4,7 @@
 
 pub mod commands;
 pub mod directory;
+pub mod local_brokers;
 pub mod registry;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use fieldgate_registry::{AuthThrottle, Registry};
 
 use self::commands::CommandDispatcher;
 use self::directory::DeviceDirectory;
+use self::local_brokers::LocalBrokers;
 use crate::net::limits::{FdReserve, PartialFrameBudget};
 
 /// What every device-facing source shares about devices beyond its own connections.
@@ -30,6 +32,8 @@ pub struct DeviceServices {
     pub frame_budget: PartialFrameBudget,
     /// File descriptors kept free; shared with the API listener.
     pub fds: Arc<FdReserve>,
+    /// The embedded brokers, for the gateway's own local publishes (alarm actions).
+    pub local_brokers: Arc<LocalBrokers>,
 }
 
 impl DeviceServices {

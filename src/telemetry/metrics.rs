@@ -90,6 +90,15 @@ pub struct FailoverLabels {
     pub to: String,
 }
 
+/// `{rule, action}` of the alarm action series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AlarmActionLabels {
+    /// The rule: the `alarm` transform's name.
+    pub rule: String,
+    /// The action's `name` (by default its `type`).
+    pub action: String,
+}
+
 /// `{result}` of a config reload: `applied`, `unchanged` or `failed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabel {
@@ -192,6 +201,17 @@ pub struct Metrics {
     pub alarms_cleared: Family<AlarmLabels, Counter>,
     /// `fieldgate_alarms_active{transform,severity}`: raised or acknowledged, not cleared.
     pub alarms_active: Family<AlarmLabels, Gauge>,
+    /// `fieldgate_alarm_action_successes_total{rule,action}`: alarm actions carried out.
+    pub alarm_action_successes: Family<AlarmActionLabels, Counter>,
+    /// `fieldgate_alarm_action_failures_total{rule,action}`: alarm actions that failed for
+    /// good (after their retries) or were dropped.
+    pub alarm_action_failures: Family<AlarmActionLabels, Counter>,
+    /// `fieldgate_alarm_actions_dropped_total{rule,action}`: alarm actions not queued (the
+    /// action's queue was full) or abandoned at shutdown.
+    pub alarm_actions_dropped: Family<AlarmActionLabels, Counter>,
+    /// `fieldgate_alarm_action_retries_total{rule,action}`: webhook attempts that failed
+    /// and were tried again.
+    pub alarm_action_retries: Family<AlarmActionLabels, Counter>,
     /// `fieldgate_transform_state_devices{transform}`: devices a stateful transform tracks.
     pub transform_state_devices: Family<TransformLabel, Gauge>,
     /// `fieldgate_transform_evicted_devices_total{transform}`: devices dropped from a full
@@ -262,6 +282,10 @@ impl Metrics {
             alarms_raised: Family::default(),
             alarms_cleared: Family::default(),
             alarms_active: Family::default(),
+            alarm_action_successes: Family::default(),
+            alarm_action_failures: Family::default(),
+            alarm_actions_dropped: Family::default(),
+            alarm_action_retries: Family::default(),
             transform_state_devices: Family::default(),
             transform_evicted_devices: Family::default(),
             transform_checkpoint_failures: Family::default(),
@@ -393,6 +417,26 @@ impl Metrics {
             "fieldgate_alarms_active",
             "Alarms raised or acknowledged and not yet cleared, by rule (transform) and severity",
             metrics.alarms_active.clone(),
+        );
+        registry.register(
+            "fieldgate_alarm_action_successes",
+            "Alarm actions (mqtt, command, webhook) carried out, by rule and action",
+            metrics.alarm_action_successes.clone(),
+        );
+        registry.register(
+            "fieldgate_alarm_action_failures",
+            "Alarm actions that failed after their retries or were dropped, by rule and action",
+            metrics.alarm_action_failures.clone(),
+        );
+        registry.register(
+            "fieldgate_alarm_actions_dropped",
+            "Alarm actions dropped: their queue was full, or shutdown came first",
+            metrics.alarm_actions_dropped.clone(),
+        );
+        registry.register(
+            "fieldgate_alarm_action_retries",
+            "Failed webhook attempts of alarm actions that were tried again",
+            metrics.alarm_action_retries.clone(),
         );
         registry.register(
             "fieldgate_transform_state_devices",

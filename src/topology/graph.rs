@@ -169,8 +169,22 @@ impl Components {
         for (name, source) in &self.sources {
             source.spec().check(name, settings, listeners, context)?;
         }
+        let brokers: Vec<&str> = self
+            .sources
+            .iter()
+            .filter(|(_, source)| source.type_name() == "mqtt_broker")
+            .map(|(name, _)| name.as_str())
+            .collect();
         for (name, transform) in &self.transforms {
             transform.spec().check(name, context)?;
+            if let TransformConfig::Alarm(alarm) = transform {
+                crate::transforms::alarm::actions::config::check_brokers(
+                    name,
+                    &alarm.actions,
+                    &brokers,
+                    context,
+                )?;
+            }
         }
         if self.sinks.is_empty() {
             return Err(context.key_error("sinks", "at least one sink is required"));

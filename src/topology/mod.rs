@@ -191,6 +191,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             .as_ref()
             .map_or(DEFAULT_FD_RESERVE, |api| api.fd_reserve),
     ));
+    let local_brokers = Arc::new(crate::devices::local_brokers::LocalBrokers::default());
     let services = Arc::new(DeviceServices {
         directory: Arc::clone(&directory),
         registry: registry.clone(),
@@ -201,6 +202,7 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             usize::try_from(settings.gateway.partial_frame_budget.0).unwrap_or(usize::MAX),
         ),
         fds: Arc::clone(&fds),
+        local_brokers: Arc::clone(&local_brokers),
     });
     let admin = Arc::new(admin_auth(settings, &metrics));
     let v1_state = registry.as_ref().map(|registry| {
@@ -273,8 +275,8 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         gateway: settings.gateway.id.clone(),
         data_dir,
         metrics: Arc::clone(&metrics),
-        directory,
-        commands,
+        directory: Arc::clone(&directory),
+        commands: commands.clone(),
         services,
         ingest: v1_state.as_ref().map(|v1| Arc::clone(&v1.ingest)),
         api: Arc::clone(&api_state),
@@ -282,6 +284,11 @@ pub async fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             registry: registry.clone(),
             metrics: Arc::clone(&metrics),
             alarms,
+            actions: Some(crate::transforms::alarm::ActionServices::new(
+                local_brokers,
+                directory,
+                commands,
+            )),
         },
         links: crate::sinks::link::SinkLinks::default(),
     });

@@ -23,6 +23,9 @@ use super::Topology;
 const SINK_GOODBYE: Duration = Duration::from_secs(1);
 /// Bound on the final registry flush.
 const REGISTRY_FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long alarm actions under way (a webhook attempt, a command) may take to end once
+/// the pipeline has drained.
+const ACTIONS_GOODBYE: Duration = Duration::from_secs(1);
 /// Bound on the API and the observers ending.
 const OBSERVERS_GOODBYE: Duration = Duration::from_millis(500);
 
@@ -96,6 +99,10 @@ pub async fn shutdown(
             ?grace,
             "sources did not stop within shutdown_grace; stopping the buffer writers and sinks anyway"
         );
+    }
+    // No alarm is raised any more: actions under way get a moment, the rest is counted.
+    if let Some(actions) = &topology.shared.transforms.actions {
+        actions.shutdown(ACTIONS_GOODBYE).await;
     }
     // Stateful transforms see no more events: their state is final.
     topology.transforms.checkpoint_all().await;

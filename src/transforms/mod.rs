@@ -86,6 +86,8 @@ pub struct TransformServices {
     pub metrics: Arc<Metrics>,
     /// The alarms of every `alarm` transform, for the API.
     pub alarms: Arc<alarm::AlarmBoard>,
+    /// What alarm actions run with; `None` where actions must not run (`rules test`).
+    pub actions: Option<alarm::ActionServices>,
 }
 
 /// A running transform.
@@ -170,6 +172,7 @@ pub(crate) mod tests {
             registry: None,
             metrics: Arc::new(Metrics::new()),
             alarms: Arc::default(),
+            actions: None,
         };
         spec.build("t", &services).expect("builds")
     }

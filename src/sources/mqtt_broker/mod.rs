@@ -169,6 +169,31 @@ impl BrokerShared {
     }
 }
 
+impl crate::devices::local_brokers::LocalPublish for BrokerShared {
+    fn publish(
+        &self,
+        topic: &str,
+        payload: bytes::Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<usize, crate::devices::local_brokers::LocalPublishError> {
+        fieldgate_broker::topic::validate_name(topic, self.settings.topic_limits).map_err(
+            |err| crate::devices::local_brokers::LocalPublishError::BadTopic {
+                topic: topic.chars().take(256).collect(),
+                reason: err.to_string(),
+            },
+        )?;
+        let message = Message {
+            topic: topic.to_owned(),
+            payload,
+            qos: qos.min(2),
+            retain,
+            properties: fieldgate_broker::MessageProperties::default(),
+        };
+        Ok(self.publish_local(None, message))
+    }
+}
+
 /// Pending connections the kernel may queue.
 const ACCEPT_BACKLOG: u32 = 4096;
 
@@ -406,6 +431,12 @@ impl SourceSpec for MqttBrokerSourceConfig {
                 metrics: context.metrics,
                 started: tokio::time::Instant::now(),
             });
+            // The gateway's own publishes (alarm actions) reach this broker by its name.
+            let local: Arc<dyn crate::devices::local_brokers::LocalPublish> = shared.clone();
+            shared
+                .services
+                .local_brokers
+                .attach(name, Arc::downgrade(&local));
             Ok(RunningSource {
                 task: Box::pin(run(
                     shared,

@@ -53,6 +53,7 @@ impl Harness {
                 registry: None,
                 metrics,
                 alarms: Arc::new(AlarmBoard::default()),
+                actions: None,
             },
             intakes: BTreeMap::from([("out".to_owned(), sender)]),
             receiver,

@@ -57,6 +57,23 @@ pub struct Alarm {
     pub acknowledged_at: Option<u64>,
     /// When it was cleared, if it was.
     pub cleared_at: Option<u64>,
+    /// The rule's local actions that failed for this device and have not succeeded
+    /// since (one per action, the last failure); absent when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub action_errors: Vec<ActionFailure>,
+}
+
+/// The last failure of one local action of an alarm.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionFailure {
+    /// The action's `name` (by default its `type`).
+    pub action: String,
+    /// The transition it ran for: `raise` or `clear`.
+    pub on: String,
+    /// What went wrong (with the attempts made, for a webhook).
+    pub error: String,
+    /// When it failed, in milliseconds since the Unix epoch.
+    pub at: u64,
 }
 
 /// What a rule offers the board.

@@ -6,7 +6,11 @@
 //! The alarm event's payload (documented in docs/RULES.md, "Alarms"):
 //! `{"rule", "device", "detector", "field", "state": "raised"|"cleared", "severity",
 //! "value", "threshold", "since", "at", "acknowledged"}`.
+//!
+//! A raise or clear also feeds the rule's local actions ([`actions`]: mqtt, command,
+//! webhook), queued without waiting; they run on their own tasks.
 
+pub(crate) mod actions;
 mod board;
 pub(crate) mod detector;
 
@@ -20,7 +24,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
-pub use self::board::{AckError, Alarm, AlarmBoard, AlarmFilter, AlarmRule, AlarmState};
+pub use self::actions::ActionServices;
+use self::actions::{ActionConfig, ActionSet, ActionStatus, Job, Transition};
+pub use self::board::{
+    AckError, ActionFailure, Alarm, AlarmBoard, AlarmFilter, AlarmRule, AlarmState,
+};
 use self::detector::{Bands, Detector, DetectorState, Side, Verdict};
 use super::device_state::{
     DeviceTable, TableMetrics, check_max_devices, default_max_devices, reading_time_ms,
@@ -119,6 +127,9 @@ pub struct AlarmConfig {
     /// Devices tracked at most; the least recently seen is forgotten beyond.
     #[serde(default = "default_max_devices")]
     pub max_devices: usize,
+    /// Local actions on raise and clear (`[[transforms.NAME.actions]]`).
+    #[serde(default)]
+    pub actions: Vec<ActionConfig>,
 }
 
 impl AlarmConfig {
@@ -322,7 +333,8 @@ impl TransformSpec for AlarmConfig {
     }
 
     fn check(&self, name: &str, context: &Context<'_>) -> Result<(), ConfigError> {
-        self.compile(name, context).map(drop)
+        self.compile(name, context)?;
+        actions::config::compile(name, &self.actions, context).map(drop)
     }
 
     fn build(
@@ -331,10 +343,23 @@ impl TransformSpec for AlarmConfig {
         services: &TransformServices,
     ) -> Result<Arc<dyn EventTransform>, ConfigError> {
         let detector = self.compile(name, &Context::running())?;
+        let plans = actions::config::compile(name, &self.actions, &Context::running())?;
+        let rule_name: Arc<str> = Arc::from(name);
+        let status = Arc::new(ActionStatus::new(self.max_devices));
+        let actions = ActionSet::start(
+            &rule_name,
+            self.severity.as_str(),
+            plans,
+            services.actions.as_ref(),
+            &services.metrics,
+            Arc::clone(&status),
+        );
         let labels = Metrics::alarm(name, self.severity.as_str());
         let metrics = &services.metrics;
         let rule = Arc::new(AlarmTransform {
-            name: Arc::from(name),
+            name: rule_name,
+            actions,
+            action_status: status,
             field: self.field.clone(),
             path: payload::split_path(&self.field).unwrap_or_default(),
             severity: self.severity,
@@ -382,6 +407,10 @@ struct AlarmRecord {
 
 struct AlarmTransform {
     name: Arc<str>,
+    /// The rule's local actions, fed on raise and clear.
+    actions: ActionSet,
+    /// The actions' last failures per device, shown with the alarm.
+    action_status: Arc<ActionStatus>,
     field: String,
     path: Vec<String>,
     severity: Severity,
@@ -414,6 +443,7 @@ impl AlarmTransform {
             since: record.since,
             acknowledged_at: record.acknowledged_at,
             cleared_at: record.cleared_at,
+            action_errors: self.action_status.of(device),
         }
     }
 
@@ -460,9 +490,23 @@ impl AlarmTransform {
                 }
             }
         };
+        let transition = if record.state.is_active() {
+            Transition::Raise
+        } else {
+            Transition::Clear
+        };
         let alarm = self.view(device, &record);
         entry.alarm = Some(record);
-        out.emit(0, self.event(device, &alarm, at_ms));
+        let event = self.event(device, &alarm, at_ms);
+        if !self.actions.is_empty() {
+            self.actions.fire(&Job {
+                transition,
+                device: device.clone(),
+                payload: event.payload.clone(),
+                at_ms,
+            });
+        }
+        out.emit(0, event);
     }
 
     fn event(&self, device: &DeviceId, alarm: &Alarm, at_ms: u64) -> Event {

@@ -22,6 +22,7 @@ fn services() -> TransformServices {
         registry: None,
         metrics: Arc::new(Metrics::new()),
         alarms: Arc::default(),
+        actions: None,
     }
 }
 
@@ -365,4 +366,188 @@ fn readings_near_f64_max_keep_the_state_checkpointable() {
     }
     let state = zscore.checkpoint().expect("stateful");
     zscore.restore(&state).expect("a finite state restores");
+}
+
+/// Malformed, oversize and hostile action configs are refused with their key path.
+#[test]
+fn hostile_action_configs_are_refused_with_their_key() {
+    let base = format!("{CONTRACT}\n");
+    let action = |body: &str| format!("{base}[[actions]]\n{body}\n");
+    for (body, key) in [
+        ("type = \"webhook\"", "transforms.t.actions[0].url"),
+        (
+            "type = \"webhook\"\nurl = \"https://x/\"\nca = \"/nonexistent/ca.pem\"",
+            "transforms.t.actions[0].ca",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://x/\"\nca = \"/etc/hostname\"",
+            "transforms.t.actions[0].ca",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"ftp://x/\"",
+            "transforms.t.actions[0].url",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\\r\\nX: 1\"",
+            "transforms.t.actions[0].url",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h:0/\"",
+            "transforms.t.actions[0].url",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\"\nretries = 1000",
+            "transforms.t.actions[0].retries",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\"\ntimeout = \"0s\"",
+            "transforms.t.actions[0].timeout",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\"\nbackoff = \"2h\"",
+            "transforms.t.actions[0].backoff",
+        ),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\"\ntopic = \"a\"",
+            "transforms.t.actions[0].topic",
+        ),
+        ("type = \"mqtt\"", "transforms.t.actions[0].topic"),
+        (
+            "type = \"mqtt\"\ntopic = \"a/{nope}\"",
+            "transforms.t.actions[0].topic",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a/{device\"",
+            "transforms.t.actions[0].topic",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a/#\"",
+            "transforms.t.actions[0].topic",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\nqos = 3",
+            "transforms.t.actions[0].qos",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\nurl = \"http://h/\"",
+            "transforms.t.actions[0].url",
+        ),
+        ("type = \"command\"", "transforms.t.actions[0].command"),
+        (
+            "type = \"command\"\ncommand = \"\"",
+            "transforms.t.actions[0].command",
+        ),
+        (
+            "type = \"command\"\ncommand = \"write\"\ndevice = \"bad device\"",
+            "transforms.t.actions[0].device",
+        ),
+        (
+            "type = \"command\"\ncommand = \"write\"\nargs = [1, 2]",
+            "transforms.t.actions[0].args",
+        ),
+        (
+            "type = \"command\"\ncommand = \"write\"\nttl = \"90d\"",
+            "transforms.t.actions[0].ttl",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\non = []",
+            "transforms.t.actions[0].on",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\non = [\"raise\", \"raise\"]",
+            "transforms.t.actions[0].on",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\nname = \"has space\"",
+            "transforms.t.actions[0].name",
+        ),
+        (
+            "type = \"mqtt\"\ntopic = \"a\"\n[[actions]]\ntype = \"mqtt\"\ntopic = \"b\"",
+            "transforms.t.actions[1].name",
+        ),
+    ] {
+        let error = check_error::<AlarmConfig>(&action(body));
+        assert!(error.contains(key), "{body}: {error}");
+    }
+    // What serde refuses names the key too.
+    for (body, word) in [
+        ("type = \"sms\"", "sms"),
+        ("type = \"webhook\"\nurll = \"http://h/\"", "urll"),
+        ("type = \"mqtt\"\ntopic = \"a\"\non = [\"ack\"]", "ack"),
+        (
+            "type = \"webhook\"\nurl = \"http://h/\"\nretries = -1",
+            "retries",
+        ),
+    ] {
+        let error = check_error::<AlarmConfig>(&action(body));
+        assert!(error.contains(word), "{body}: {error}");
+    }
+    let many = (0..17)
+        .map(|i| format!("[[actions]]\ntype = \"mqtt\"\nname = \"m{i}\"\ntopic = \"a\"\n"))
+        .collect::<String>();
+    let error = check_error::<AlarmConfig>(&format!("{base}{many}"));
+    assert!(error.contains("transforms.t.actions"), "{error}");
+}
+
+/// Raising and clearing feed the actions once each; the offline tool (no services)
+/// builds the same rule and runs none.
+#[tokio::test]
+async fn raise_and_clear_fire_the_actions_off_the_hot_path() {
+    use crate::devices::directory::{ConnectionSignal, DeviceDirectory};
+    let directory = Arc::new(DeviceDirectory::default());
+    let action_services = ActionServices::new(Arc::default(), Arc::clone(&directory), None);
+    let metrics = Arc::new(Metrics::new());
+    let services = TransformServices {
+        registry: None,
+        metrics: Arc::clone(&metrics),
+        alarms: Arc::default(),
+        actions: Some(action_services.clone()),
+    };
+    let text = format!(
+        "{CONTRACT}\n[[actions]]\ntype = \"command\"\nname = \"fan\"\ncommand = \"write\"\nargs = {{ point = \"fan\", value = true }}\n"
+    );
+    let rule = build_with(&text, &services);
+    let signal = Arc::new(ConnectionSignal::default());
+    directory.register(DeviceId::new("dev-1"), 1, &signal);
+    for (time, temp) in [(1_000, 85.0), (2_000, 86.0), (3_000, 70.0)] {
+        run(
+            &*rule,
+            reading("dev-1", time, &format!("{{\"temp\":{temp}}}")),
+        );
+    }
+    let mut ids = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ids.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "commands: {ids:?}");
+        match directory.take_command(1) {
+            Some(command) => ids.push(command.id),
+            None => signal.commands_waiting().await,
+        }
+    }
+    assert_eq!(
+        ids,
+        [
+            "alarm.overheat.dev-1.raise.1000",
+            "alarm.overheat.dev-1.clear.3000"
+        ]
+    );
+    let labels = crate::telemetry::metrics::AlarmActionLabels {
+        rule: "overheat".into(),
+        action: "fan".into(),
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metrics.alarm_action_successes.get_or_create(&labels).get() < 2 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Offline: the same rule raises its alarm and queues nothing.
+    let offline = build_with(&text, &services_without_actions());
+    let events = run(&*offline, reading("dev-1", 5_000, "{\"temp\":99}"));
+    assert_eq!(alarms(&events).len(), 1);
+    assert!(directory.take_command(1).is_none());
+    action_services.shutdown(Duration::from_secs(1)).await;
+}
+
+fn services_without_actions() -> TransformServices {
+    services()
 }

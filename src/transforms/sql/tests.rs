@@ -40,6 +40,7 @@ impl Rule {
             registry: None,
             metrics: metrics.clone(),
             alarms: Arc::default(),
+            actions: None,
         };
         let transform = config.build_sql("r", &services).expect("builds");
         Self { transform, metrics }
@@ -856,6 +857,7 @@ fn sql_rule_memory() {
         registry: None,
         metrics: metrics.clone(),
         alarms: Arc::default(),
+        actions: None,
     };
     let build = |index: usize| {
         let text = format!("inputs = [\"devices\"]\nsql = {ISSUE_RULE:?}\n");
