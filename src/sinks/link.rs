@@ -47,6 +47,11 @@ impl LinkHealth {
 
     /// Reports the link up or down; only a change moves `since` and wakes watchers.
     pub fn report(&self, up: bool) {
+        // The sink reports on every ack: a shared read lock in the usual no-change case
+        // rather than the write lock of `send_if_modified`.
+        if self.state.borrow().up == up {
+            return;
+        }
         self.state.send_if_modified(|state| {
             if state.up == up {
                 return false;

@@ -190,6 +190,7 @@ async fn routes_pick_one_of_the_two_intakes_per_event() {
         registry: None,
         metrics: Arc::clone(&metrics),
         alarms: Arc::new(AlarmBoard::default()),
+        actions: None,
     };
     let switch = Arc::new(FailoverSwitch::new(
         metrics.failover_events("eu", "eu-backup"),
